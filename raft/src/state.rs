@@ -1,0 +1,383 @@
+//! The cluster state machine.
+//!
+//! [`ClusterState::apply`] is the only way the state changes. It reads no clock, no
+//! randomness, no network and no file, and iterates only ordered maps, so every replica
+//! that applies the same log computes the same state, byte for byte once encoded.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{
+    ApiRole, Command, CommandResponse, FarmAssignment, MirrorAssignment, ModuleKind, NodeAdmin,
+    NodeRecord, OperatorIntent, FARM_BUCKETS,
+};
+use crate::types::{node_id_for_name, NodeId};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub modules: BTreeMap<String, ModuleRecord>,
+    /// API tokens by name; the value holds the blake3 hash of the token, never the token.
+    pub api_tokens: BTreeMap<String, ApiToken>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    pub name: String,
+    pub kind: ModuleKind,
+    /// blake3 of `package`, hex.
+    pub digest: String,
+    pub package: Vec<u8>,
+    pub started: bool,
+    pub failover: bool,
+    /// Nodes on which the operator disabled this module.
+    pub disabled_nodes: BTreeSet<NodeId>,
+    /// Present for mirror modules once the controller assigned roles.
+    pub mirror: Option<MirrorAssignment>,
+    /// Present for farm modules once the controller assigned buckets.
+    pub farm: Option<FarmAssignment>,
+    /// Operator requests not yet carried out, by request id.
+    pub intents: BTreeMap<String, OperatorIntent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    pub role: ApiRole,
+    pub token_hash: String,
+}
+
+/// Why a command was refused; becomes [`CommandResponse::Rejected`].
+type Refusal = String;
+
+impl ClusterState {
+    /// Applies one committed command. Never fails: an invalid command is answered with
+    /// [`CommandResponse::Rejected`] and leaves the state untouched.
+    pub fn apply(&mut self, command: &Command) -> CommandResponse {
+        match self.try_apply(command) {
+            Ok(()) => CommandResponse::Applied,
+            Err(reason) => CommandResponse::Rejected(reason),
+        }
+    }
+
+    pub fn node_by_name(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.name == name)
+    }
+
+    /// The role of the API token whose blake3 hash is `token_hash`, if any.
+    pub fn token_role(&self, token_hash: &str) -> Option<ApiRole> {
+        self.api_tokens
+            .values()
+            .find(|t| t.token_hash == token_hash)
+            .map(|t| t.role)
+    }
+
+    fn try_apply(&mut self, command: &Command) -> Result<(), Refusal> {
+        match command {
+            Command::UpsertNode(record) => self.upsert_node(record),
+            Command::RemoveNode { id } => self.remove_node(*id),
+            Command::SetNodeAdmin { id, admin } => self.set_node_admin(*id, *admin),
+            Command::InstallModule {
+                name,
+                kind,
+                digest,
+                package,
+            } => self.install_module(name, *kind, digest, package),
+            Command::UninstallModule { name } => {
+                self.modules
+                    .remove(name)
+                    .ok_or_else(|| format!("no module '{name}'"))?;
+                Ok(())
+            }
+            Command::SetModuleAdmin {
+                name,
+                started,
+                failover,
+            } => {
+                let module = self.module_mut(name)?;
+                if let Some(started) = started {
+                    module.started = *started;
+                }
+                if let Some(failover) = failover {
+                    module.failover = *failover;
+                }
+                Ok(())
+            }
+            Command::SetModuleNodeEnabled {
+                name,
+                node,
+                enabled,
+            } => {
+                self.known_node(*node)?;
+                let module = self.module_mut(name)?;
+                if *enabled {
+                    module.disabled_nodes.remove(node);
+                } else {
+                    module.disabled_nodes.insert(*node);
+                }
+                Ok(())
+            }
+            Command::AssignMirror { module, assignment } => self.assign_mirror(module, assignment),
+            Command::AssignFarm { module, assignment } => self.assign_farm(module, assignment),
+            Command::RecordIntent {
+                module,
+                request_id,
+                intent,
+            } => self.record_intent(module, request_id, intent),
+            Command::ClearIntent { module, request_id } => {
+                self.module_mut(module)?
+                    .intents
+                    .remove(request_id)
+                    .ok_or_else(|| format!("no intent '{request_id}' on module '{module}'"))?;
+                Ok(())
+            }
+            Command::AddApiToken {
+                name,
+                role,
+                token_hash,
+            } => {
+                check_name("token", name)?;
+                if token_hash.len() != 64 || !token_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err("token hash must be 64 hex digits (blake3)".into());
+                }
+                if self.api_tokens.contains_key(name) {
+                    return Err(format!("a token named '{name}' already exists"));
+                }
+                self.api_tokens.insert(
+                    name.clone(),
+                    ApiToken {
+                        role: *role,
+                        token_hash: token_hash.clone(),
+                    },
+                );
+                Ok(())
+            }
+            Command::RevokeApiToken { name } => {
+                self.api_tokens
+                    .remove(name)
+                    .ok_or_else(|| format!("no token named '{name}'"))?;
+                Ok(())
+            }
+        }
+    }
+
+    fn upsert_node(&mut self, record: &NodeRecord) -> Result<(), Refusal> {
+        check_name("node", &record.name)?;
+        if record.id != node_id_for_name(&record.name) {
+            return Err(format!(
+                "node id {} does not belong to name '{}'",
+                record.id, record.name
+            ));
+        }
+        if record.lans.is_empty() {
+            return Err(format!("node '{}' has no address", record.name));
+        }
+        self.nodes.insert(record.id, record.clone());
+        Ok(())
+    }
+
+    fn remove_node(&mut self, id: NodeId) -> Result<(), Refusal> {
+        let name = self.known_node(id)?.name.clone();
+        for module in self.modules.values() {
+            let in_mirror = module
+                .mirror
+                .as_ref()
+                .is_some_and(|m| m.prim == Some(id) || m.second == Some(id));
+            let in_farm = module
+                .farm
+                .as_ref()
+                .is_some_and(|f| f.members_up.contains(&id));
+            if in_mirror || in_farm {
+                return Err(format!(
+                    "node '{name}' still has a role in module '{}'",
+                    module.name
+                ));
+            }
+        }
+        for module in self.modules.values_mut() {
+            module.disabled_nodes.remove(&id);
+        }
+        self.nodes.remove(&id);
+        Ok(())
+    }
+
+    fn set_node_admin(&mut self, id: NodeId, admin: NodeAdmin) -> Result<(), Refusal> {
+        self.nodes
+            .get_mut(&id)
+            .ok_or_else(|| format!("no node with id {id}"))?
+            .admin = admin;
+        Ok(())
+    }
+
+    fn install_module(
+        &mut self,
+        name: &str,
+        kind: ModuleKind,
+        digest: &str,
+        package: &[u8],
+    ) -> Result<(), Refusal> {
+        check_name("module", name)?;
+        let actual = blake3::hash(package).to_hex();
+        if actual.as_str() != digest {
+            return Err(format!(
+                "package digest {digest} does not match its bytes ({actual})"
+            ));
+        }
+        match self.modules.get_mut(name) {
+            Some(module) if module.kind != kind => Err(format!(
+                "module '{name}' is a {:?} module; uninstall it before installing a {kind:?} module",
+                module.kind
+            )),
+            Some(module) => {
+                module.digest = digest.to_string();
+                module.package = package.to_vec();
+                Ok(())
+            }
+            None => {
+                self.modules.insert(
+                    name.to_string(),
+                    ModuleRecord {
+                        name: name.to_string(),
+                        kind,
+                        digest: digest.to_string(),
+                        package: package.to_vec(),
+                        started: false,
+                        failover: true,
+                        disabled_nodes: BTreeSet::new(),
+                        mirror: None,
+                        farm: None,
+                        intents: BTreeMap::new(),
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn assign_mirror(&mut self, name: &str, next: &MirrorAssignment) -> Result<(), Refusal> {
+        for node in [next.prim, next.second].into_iter().flatten() {
+            self.known_node(node)?;
+        }
+        if next.prim.is_some() && next.prim == next.second {
+            return Err("PRIM and SECOND must be different nodes".into());
+        }
+        let assigned: BTreeSet<NodeId> = [next.prim, next.second].into_iter().flatten().collect();
+        if !next.uptodate.is_subset(&assigned) {
+            return Err("an up-to-date node must be PRIM or SECOND".into());
+        }
+        if let Some(prim) = next.prim {
+            if !next.uptodate.contains(&prim) {
+                return Err("PRIM must be up to date".into());
+            }
+        }
+        let module = self.module_of_kind(name, ModuleKind::Mirror)?;
+        let current = module.mirror.as_ref().map_or(0, |m| m.epoch);
+        if next.epoch <= current {
+            return Err(format!(
+                "stale mirror assignment: epoch {} is not above {current}",
+                next.epoch
+            ));
+        }
+        module.mirror = Some(next.clone());
+        Ok(())
+    }
+
+    fn assign_farm(&mut self, name: &str, next: &FarmAssignment) -> Result<(), Refusal> {
+        for node in &next.members_up {
+            self.known_node(*node)?;
+        }
+        if next.buckets.len() != FARM_BUCKETS {
+            return Err(format!(
+                "a farm assignment has {FARM_BUCKETS} buckets, not {}",
+                next.buckets.len()
+            ));
+        }
+        if let Some(owner) = next
+            .buckets
+            .iter()
+            .flatten()
+            .find(|owner| !next.members_up.contains(owner))
+        {
+            return Err(format!("bucket owner {owner} is not an up member"));
+        }
+        let module = self.module_of_kind(name, ModuleKind::Farm)?;
+        let current = module.farm.as_ref().map_or(0, |f| f.epoch);
+        if next.epoch <= current {
+            return Err(format!(
+                "stale farm assignment: epoch {} is not above {current}",
+                next.epoch
+            ));
+        }
+        module.farm = Some(next.clone());
+        Ok(())
+    }
+
+    fn record_intent(
+        &mut self,
+        module: &str,
+        request_id: &str,
+        intent: &OperatorIntent,
+    ) -> Result<(), Refusal> {
+        check_name("request id", request_id)?;
+        match intent {
+            OperatorIntent::Prim { node, .. }
+            | OperatorIntent::Second { node, .. }
+            | OperatorIntent::PrimForce { node }
+            | OperatorIntent::Stop { node: Some(node) }
+            | OperatorIntent::Start { node: Some(node) } => {
+                self.known_node(*node)?;
+            }
+            _ => {}
+        }
+        let intents = &mut self.module_mut(module)?.intents;
+        if intents.contains_key(request_id) {
+            return Err(format!("request '{request_id}' was already recorded"));
+        }
+        intents.insert(request_id.to_string(), intent.clone());
+        Ok(())
+    }
+
+    fn known_node(&self, id: NodeId) -> Result<&NodeRecord, Refusal> {
+        self.nodes
+            .get(&id)
+            .ok_or_else(|| format!("no node with id {id}"))
+    }
+
+    fn module_mut(&mut self, name: &str) -> Result<&mut ModuleRecord, Refusal> {
+        self.modules
+            .get_mut(name)
+            .ok_or_else(|| format!("no module '{name}'"))
+    }
+
+    fn module_of_kind(
+        &mut self,
+        name: &str,
+        kind: ModuleKind,
+    ) -> Result<&mut ModuleRecord, Refusal> {
+        let module = self.module_mut(name)?;
+        if module.kind != kind {
+            return Err(format!("module '{name}' is not a {kind:?} module"));
+        }
+        Ok(module)
+    }
+}
+
+/// Names are used in paths, XML and URLs: keep them to a safe alphabet.
+fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {what} name '{name}': use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;
