@@ -1,0 +1,5 @@
+//! Rampart: a high-availability cluster manager. This crate is the node agent, its
+//! admin API and the `rampart` command line; the Raft state machine and transport are
+//! in `rampart-raft`, storage in `rampart-storage`.
+
+pub mod config;
