@@ -12,6 +12,6 @@ pub mod rpc;
 pub mod server;
 
 pub use channel::{ChannelError, ClusterKey, SecureChannel};
-pub use client::{call, Network};
-pub use rpc::{Rpc, RpcReply};
+pub use client::{call, CallError, Network};
+pub use rpc::{LeaderError, LeaderOp, LeaderReply, Rpc, RpcReply, WriteReceipt};
 pub use server::{serve, RpcHandler};

@@ -16,12 +16,25 @@ pub enum Rpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A command to append through the leader; sent by a node that received a write.
-    ClientWrite(Command),
-    /// Make the described node a voting member (sent by the joining node).
+    /// Something only the leader can do; a non-leader answers with
+    /// [`LeaderError::NotLeader`] naming the leader it knows.
+    Leader(LeaderOp),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderOp {
+    /// Commit a command; sent by a node that received a write.
+    Write(Command),
+    /// Make the described node a voting member; sent by the joining node.
     Join { record: NodeRecord, info: NodeInfo },
     /// Remove a member from the voters and forget its record.
     Remove { id: NodeId },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaderReply {
+    Written(WriteReceipt),
+    MembershipChanged,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,8 +44,7 @@ pub enum RpcReply {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
-    ClientWrite(Result<WriteReceipt, LeaderError>),
-    Membership(Result<(), LeaderError>),
+    Leader(Result<LeaderReply, LeaderError>),
 }
 
 /// What the leader answers once a forwarded command is committed and applied.

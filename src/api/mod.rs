@@ -1,0 +1,71 @@
+//! The admin HTTP API (JSON under `/v1`), health checks and metrics.
+//!
+//! - [`error`]: the one mapping from errors to HTTP status codes and JSON bodies.
+//! - [`auth`]: bearer tokens and roles (monitor < control < admin) on every route but
+//!   the health checks.
+//! - [`json`]: the JSON body extractor whose rejections are [`error::ApiError`]s.
+//! - [`views`]: response and request bodies, shared with the CLI.
+//! - [`cluster`], [`tokens`]: the handlers.
+
+mod auth;
+mod cluster;
+pub mod error;
+mod json;
+mod metrics;
+mod tokens;
+pub mod views;
+
+use std::sync::Arc;
+
+use axum::middleware;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use rampart_raft::command::ApiRole;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::NodeContext;
+use error::ApiError;
+
+pub type Context = Arc<NodeContext>;
+
+pub fn router(context: Context) -> Router {
+    let monitor = Router::new()
+        .route("/v1/cluster", get(cluster::status))
+        .route("/v1/nodes", get(cluster::nodes))
+        .route("/v1/nodes/{name}", get(cluster::node))
+        .route("/v1/modules", get(cluster::modules))
+        .route("/metrics", get(metrics::prometheus))
+        .route_layer(middleware::from_fn_with_state(
+            (context.clone(), ApiRole::Monitor),
+            auth::require,
+        ));
+    let admin = Router::new()
+        .route("/v1/cluster/init", post(cluster::init))
+        .route("/v1/cluster/join", post(cluster::join))
+        .route("/v1/cluster/leave", post(cluster::leave))
+        .route("/v1/nodes/{name}", delete(cluster::remove_node))
+        .route("/v1/tokens", get(tokens::list).post(tokens::add))
+        .route("/v1/tokens/{name}", delete(tokens::revoke))
+        .route_layer(middleware::from_fn_with_state(
+            (context.clone(), ApiRole::Admin),
+            auth::require,
+        ));
+    Router::new()
+        .route("/health", get(cluster::health))
+        .merge(monitor)
+        .merge(admin)
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .with_state(context)
+}
+
+/// Serves the API until `shutdown` is cancelled, then finishes in-flight requests.
+pub async fn serve(listener: TcpListener, context: Context, shutdown: CancellationToken) {
+    let app = router(context);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
