@@ -7,7 +7,7 @@
 //! <cluster>
 //!   <rampart secret_file="secret" data_dir="/var/lib/rampart"
 //!            raft_port="4800" api_port="4801" heartbeat_ms="100"
-//!            election_timeout_min_ms="500" election_timeout_max_ms="1000"/>
+//!            election_timeout_min_ms="300" election_timeout_max_ms="600"/>
 //!   <lans>
 //!     <lan name="default">
 //!       <node name="n1" addr="198.18.0.1"/>
@@ -80,8 +80,8 @@ impl Default for RaftTiming {
     fn default() -> Self {
         RaftTiming {
             heartbeat_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
         }
     }
 }
