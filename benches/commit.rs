@@ -33,7 +33,10 @@ async fn start(nodes: usize) -> TestCluster {
     for name in &names {
         cluster.start(name, &config).await;
     }
-    assert_eq!(cluster.post("n1", "/v1/cluster/init", json!({})).await.0, 200);
+    assert_eq!(
+        cluster.post("n1", "/v1/cluster/init", json!({})).await.0,
+        200
+    );
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     cluster.wait_for_agreement(&refs, &refs).await;
     cluster
@@ -41,7 +44,13 @@ async fn start(nodes: usize) -> TestCluster {
 
 /// Commits `total` small commands from `clients` concurrent clients on the leader;
 /// returns each commit's latency and the wall time.
-async fn run(cluster: &Arc<TestCluster>, leader: &str, prefix: &str, clients: usize, total: usize) -> (Vec<Duration>, Duration) {
+async fn run(
+    cluster: &Arc<TestCluster>,
+    leader: &str,
+    prefix: &str,
+    clients: usize,
+    total: usize,
+) -> (Vec<Duration>, Duration) {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -66,7 +75,11 @@ async fn run(cluster: &Arc<TestCluster>, leader: &str, prefix: &str, clients: us
                     .send()
                     .await
                     .expect("the leader answers");
-                assert!(response.status().is_success(), "commit failed: {}", response.status());
+                assert!(
+                    response.status().is_success(),
+                    "commit failed: {}",
+                    response.status()
+                );
                 latencies.push(t.elapsed());
             }
         }));
@@ -87,7 +100,14 @@ async fn measure(cluster: &Arc<TestCluster>, leader: &str, label: &str, ops: usi
     latencies.sort();
     let mut throughput = Vec::new();
     for clients in CLIENTS {
-        let (_, wall) = run(cluster, leader, &format!("{label}-c{clients}"), clients, ops).await;
+        let (_, wall) = run(
+            cluster,
+            leader,
+            &format!("{label}-c{clients}"),
+            clients,
+            ops,
+        )
+        .await;
         throughput.push(ops as f64 / wall.as_secs_f64());
     }
     Figures {
@@ -121,10 +141,25 @@ async fn main() {
     };
     let (b, r) = (best(&baseline), best(&replicated));
     println!("commit of a small command through the admin API ({ops} ops per figure, best of 2 alternated rounds)");
-    println!("{:<28} {:>14} {:>14} {:>8}", "", "1 node (base)", "3 nodes", "ratio");
+    println!(
+        "{:<28} {:>14} {:>14} {:>8}",
+        "", "1 node (base)", "3 nodes", "ratio"
+    );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("{:<28} {:>11.2} ms {:>11.2} ms {:>7.2}x", "latency p50", ms(b.p50), ms(r.p50), ms(r.p50) / ms(b.p50));
-    println!("{:<28} {:>11.2} ms {:>11.2} ms {:>7.2}x", "latency p99", ms(b.p99), ms(r.p99), ms(r.p99) / ms(b.p99));
+    println!(
+        "{:<28} {:>11.2} ms {:>11.2} ms {:>7.2}x",
+        "latency p50",
+        ms(b.p50),
+        ms(r.p50),
+        ms(r.p50) / ms(b.p50)
+    );
+    println!(
+        "{:<28} {:>11.2} ms {:>11.2} ms {:>7.2}x",
+        "latency p99",
+        ms(b.p99),
+        ms(r.p99),
+        ms(r.p99) / ms(b.p99)
+    );
     for (i, clients) in CLIENTS.iter().enumerate() {
         println!(
             "{:<28} {:>10.0} /s {:>10.0} /s {:>7.2}x",

@@ -11,7 +11,10 @@ async fn single_node_cluster() -> TestCluster {
     let mut cluster = TestCluster::new(1);
     let config = cluster.write_config("cluster.xml", 1, "secret");
     cluster.start("n1", &config).await;
-    assert_eq!(cluster.post("n1", "/v1/cluster/init", json!({})).await.0, 200);
+    assert_eq!(
+        cluster.post("n1", "/v1/cluster/init", json!({})).await.0,
+        200
+    );
     cluster.wait_for_agreement(&["n1"], &["n1"]).await;
     cluster
 }
@@ -28,20 +31,46 @@ async fn bad_tokens_roles_and_payloads_get_clear_errors() {
     assert_eq!(response.status(), 401);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "unauthorized");
-    assert!(body["message"].as_str().unwrap().contains("Bearer"), "{body}");
-    let response = http.get(url("/v1/cluster")).bearer_auth("not-a-token").send().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("Bearer"),
+        "{body}"
+    );
+    let response = http
+        .get(url("/v1/cluster"))
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
 
     // A monitor token reads but cannot administer.
     let (code, created) = cluster
-        .post("n1", "/v1/tokens", json!({"name": "grafana", "role": "monitor"}))
+        .post(
+            "n1",
+            "/v1/tokens",
+            json!({"name": "grafana", "role": "monitor"}),
+        )
         .await;
     assert_eq!(code, 200, "{created}");
     let monitor = created["token"].as_str().unwrap().to_string();
-    let response = http.get(url("/v1/cluster")).bearer_auth(&monitor).send().await.unwrap();
+    let response = http
+        .get(url("/v1/cluster"))
+        .bearer_auth(&monitor)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    let response = http.get(url("/metrics")).bearer_auth(&monitor).send().await.unwrap();
-    assert!(response.text().await.unwrap().contains("rampart_raft_is_leader{node=\"n1\"} 1"));
+    let response = http
+        .get(url("/metrics"))
+        .bearer_auth(&monitor)
+        .send()
+        .await
+        .unwrap();
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("rampart_raft_is_leader{node=\"n1\"} 1"));
     let response = http
         .post(url("/v1/tokens"))
         .bearer_auth(&monitor)
@@ -54,8 +83,14 @@ async fn bad_tokens_roles_and_payloads_get_clear_errors() {
     // Malformed JSON, a wrong shape and an unknown role: 400 with a message, nothing committed.
     for (body, fragment) in [
         ("{\"name\": ", "EOF"),
-        ("{\"nom\": \"x\", \"role\": \"monitor\"}", "missing field `name`"),
-        ("{\"name\": \"x\", \"role\": \"superuser\"}", "unknown variant `superuser`"),
+        (
+            "{\"nom\": \"x\", \"role\": \"monitor\"}",
+            "missing field `name`",
+        ),
+        (
+            "{\"name\": \"x\", \"role\": \"superuser\"}",
+            "unknown variant `superuser`",
+        ),
     ] {
         let response = http
             .post(url("/v1/tokens"))
@@ -67,24 +102,47 @@ async fn bad_tokens_roles_and_payloads_get_clear_errors() {
             .unwrap();
         assert_eq!(response.status(), 400, "{body}");
         let answer: Value = response.json().await.unwrap();
-        assert!(answer["message"].as_str().unwrap().contains(fragment), "{body} → {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(fragment),
+            "{body} → {answer}"
+        );
     }
     // A name the state machine refuses: committed as a no-op, reported as a conflict.
     let (code, body) = cluster
-        .post("n1", "/v1/tokens", json!({"name": "../etc", "role": "monitor"}))
+        .post(
+            "n1",
+            "/v1/tokens",
+            json!({"name": "../etc", "role": "monitor"}),
+        )
         .await;
     assert_eq!(code, 409, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("invalid token name"));
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid token name"));
     let tokens: Vec<Value> = cluster.get("n1", "/v1/tokens").await;
     assert_eq!(tokens.len(), 1, "{tokens:?}");
 
     // Revoked tokens stop working; unknown endpoints answer JSON 404.
     assert_eq!(cluster.delete("n1", "/v1/tokens/grafana").await.0, 200);
-    let response = http.get(url("/v1/cluster")).bearer_auth(&monitor).send().await.unwrap();
+    let response = http
+        .get(url("/v1/cluster"))
+        .bearer_auth(&monitor)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
-    let response = http.get(url("/v1/nope")).bearer_auth(cluster.admin_token()).send().await.unwrap();
+    let response = http
+        .get(url("/v1/nope"))
+        .bearer_auth(cluster.admin_token())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 404);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"], "not_found");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "not_found"
+    );
 }
 
 #[tokio::test]
@@ -101,10 +159,18 @@ async fn cli_shows_status_as_table_and_json() {
             .unwrap()
     };
     let table = run(&["status"]);
-    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
     let text = String::from_utf8(table.stdout).unwrap();
     assert!(text.contains("leader n1"), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("n1") && l.contains("leader")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("n1") && l.contains("leader")),
+        "{text}"
+    );
 
     let json_out = run(&["status", "--json"]);
     let status: Value = serde_json::from_slice(&json_out.stdout).unwrap();
@@ -122,14 +188,34 @@ fn cli_reports_malformed_cluster_xml_with_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("cluster.xml");
     std::fs::write(&config, "<cluster>\n  <lans>\n    <lan name=\"x\">\n      <node name=\"a\" addr=\"127.0.0.1\">\n    </lan>\n</cluster>\n").unwrap();
-    let output = Command::new(BIN).arg("--config").arg(&config).arg("node").output().unwrap();
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("node")
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     let expected = format!("{}:5:", config.display());
-    assert!(stderr.contains(&expected) && stderr.contains("malformed XML"), "{stderr}");
+    assert!(
+        stderr.contains(&expected) && stderr.contains("malformed XML"),
+        "{stderr}"
+    );
 
-    std::fs::write(&config, "<cluster>\n  <lans>\n    <lan name=\"x\" colour=\"red\"/>\n  </lans>\n</cluster>\n").unwrap();
-    let output = Command::new(BIN).arg("--config").arg(&config).arg("node").output().unwrap();
+    std::fs::write(
+        &config,
+        "<cluster>\n  <lans>\n    <lan name=\"x\" colour=\"red\"/>\n  </lans>\n</cluster>\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("node")
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(":3:5: unknown attribute 'colour' in <lan>"), "{stderr}");
+    assert!(
+        stderr.contains(":3:5: unknown attribute 'colour' in <lan>"),
+        "{stderr}"
+    );
 }

@@ -11,7 +11,11 @@ use support::{port_is_free, wait_until, TestCluster};
 /// Commits a write (an API token) through `node`; returns the HTTP status.
 async fn commit_marker(cluster: &TestCluster, node: &str, marker: &str) -> u16 {
     cluster
-        .post(node, "/v1/tokens", json!({"name": marker, "role": "monitor"}))
+        .post(
+            node,
+            "/v1/tokens",
+            json!({"name": marker, "role": "monitor"}),
+        )
         .await
         .0
 }
@@ -33,18 +37,29 @@ async fn cluster_survives_leader_kill_recovers_and_changes_membership() {
     }
     let (code, body) = cluster.post("n1", "/v1/cluster/init", json!({})).await;
     assert_eq!(code, 200, "{body}");
-    let leader = cluster.wait_for_agreement(&["n1", "n2", "n3"], &["n1", "n2", "n3"]).await;
-    let follower = ["n1", "n2", "n3"].into_iter().find(|n| *n != leader).unwrap();
+    let leader = cluster
+        .wait_for_agreement(&["n1", "n2", "n3"], &["n1", "n2", "n3"])
+        .await;
+    let follower = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .unwrap();
     assert_eq!(commit_marker(&cluster, follower, "via-follower").await, 200);
     assert_eq!(commit_marker(&cluster, &leader, "via-leader").await, 200);
     // A second init is refused and changes nothing.
-    assert_eq!(cluster.post("n2", "/v1/cluster/init", json!({})).await.0, 409);
+    assert_eq!(
+        cluster.post("n2", "/v1/cluster/init", json!({})).await.0,
+        409
+    );
 
     // Phase 2: kill -9 the leader; a new leader commits within 2 s.
     let before: ClusterStatus = cluster.status(follower).await;
     cluster.kill(&leader);
     let killed_at = Instant::now();
-    let survivors: Vec<&str> = ["n1", "n2", "n3"].into_iter().filter(|n| *n != leader).collect();
+    let survivors: Vec<&str> = ["n1", "n2", "n3"]
+        .into_iter()
+        .filter(|n| *n != leader)
+        .collect();
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -52,7 +67,10 @@ async fn cluster_survives_leader_kill_recovers_and_changes_membership() {
         if code == 200 {
             break;
         }
-        assert!(killed_at.elapsed() < Duration::from_secs(10), "no commit after the leader died");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "no commit after the leader died"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let failover = killed_at.elapsed();
@@ -61,39 +79,66 @@ async fn cluster_survives_leader_kill_recovers_and_changes_membership() {
     let after = cluster.status(survivors[0]).await;
     assert!(after.term > before.term);
     assert_ne!(after.leader.as_deref(), Some(leader.as_str()));
-    assert_eq!(commit_marker(&cluster, survivors[1], "while-down").await, 200);
+    assert_eq!(
+        commit_marker(&cluster, survivors[1], "while-down").await,
+        200
+    );
 
     // Phase 3: the killed node restarts from its RocksDB and catches up, including
     // what was committed while it was down.
     cluster.start(&leader, &three).await;
-    wait_until(Duration::from_secs(15), "the restarted node catches up", || async {
-        token_names(&cluster, &leader).await.contains(&"while-down".to_string())
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "the restarted node catches up",
+        || async {
+            token_names(&cluster, &leader)
+                .await
+                .contains(&"while-down".to_string())
+        },
+    )
     .await;
     for marker in ["via-follower", "via-leader", "while-down"] {
-        assert!(token_names(&cluster, &leader).await.contains(&marker.to_string()));
+        assert!(token_names(&cluster, &leader)
+            .await
+            .contains(&marker.to_string()));
     }
-    cluster.wait_for_agreement(&["n1", "n2", "n3"], &["n1", "n2", "n3"]).await;
+    cluster
+        .wait_for_agreement(&["n1", "n2", "n3"], &["n1", "n2", "n3"])
+        .await;
 
     // Phase 4: a fourth node joins through any member; then n2 is removed.
     cluster.start("n4", &four).await;
     let seed = cluster.spec("n3").raft_addr();
-    let (code, body) = cluster.post("n4", "/v1/cluster/join", json!({ "seed": seed })).await;
+    let (code, body) = cluster
+        .post("n4", "/v1/cluster/join", json!({ "seed": seed }))
+        .await;
     assert_eq!(code, 200, "{body}");
-    cluster.wait_for_agreement(&["n1", "n2", "n3", "n4"], &["n1", "n2", "n3", "n4"]).await;
-    assert!(token_names(&cluster, "n4").await.contains(&"while-down".to_string()));
+    cluster
+        .wait_for_agreement(&["n1", "n2", "n3", "n4"], &["n1", "n2", "n3", "n4"])
+        .await;
+    assert!(token_names(&cluster, "n4")
+        .await
+        .contains(&"while-down".to_string()));
     let (code, body) = cluster.delete("n4", "/v1/nodes/n2").await;
     assert_eq!(code, 200, "{body}");
-    cluster.wait_for_agreement(&["n1", "n3", "n4"], &["n1", "n3", "n4"]).await;
+    cluster
+        .wait_for_agreement(&["n1", "n3", "n4"], &["n1", "n3", "n4"])
+        .await;
     let status = cluster.status("n1").await;
     assert!(status.members.iter().all(|m| m.name != "n2"));
     assert_eq!(commit_marker(&cluster, "n4", "after-remove").await, 200);
 
     // Phase 5: SIGTERM stops every node cleanly and releases its ports.
     for name in ["n1", "n2", "n3", "n4"] {
-        assert!(cluster.terminate(name), "{name} did not exit cleanly on SIGTERM");
+        assert!(
+            cluster.terminate(name),
+            "{name} did not exit cleanly on SIGTERM"
+        );
         let spec = cluster.spec(name);
-        assert!(port_is_free(spec.raft_port) && port_is_free(spec.api_port), "{name} kept a port");
+        assert!(
+            port_is_free(spec.raft_port) && port_is_free(spec.api_port),
+            "{name} kept a port"
+        );
     }
 }
 
@@ -106,8 +151,13 @@ async fn a_node_with_the_wrong_secret_can_neither_join_nor_vote() {
     for name in ["n1", "n2", "n3"] {
         cluster.start(name, &three).await;
     }
-    assert_eq!(cluster.post("n1", "/v1/cluster/init", json!({})).await.0, 200);
-    let leader = cluster.wait_for_agreement(&["n1", "n2", "n3"], &["n1", "n2", "n3"]).await;
+    assert_eq!(
+        cluster.post("n1", "/v1/cluster/init", json!({})).await.0,
+        200
+    );
+    let leader = cluster
+        .wait_for_agreement(&["n1", "n2", "n3"], &["n1", "n2", "n3"])
+        .await;
 
     // Joining: n4 holds another secret. Its request is refused at the handshake.
     cluster.start("n4", &intruder).await;
@@ -122,30 +172,44 @@ async fn a_node_with_the_wrong_secret_can_neither_join_nor_vote() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
-    assert!(body["message"].as_str().unwrap().contains("secret"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("secret"),
+        "{body}"
+    );
     let status = cluster.status("n1").await;
     assert_eq!(status.members.len(), 3);
 
     // Voting: a member restarted with the wrong secret campaigns, but nobody hears it:
     // the others keep their leader and term, and it never learns of a leader.
-    let victim = ["n1", "n2", "n3"].into_iter().find(|n| *n != leader).unwrap();
+    let victim = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .unwrap();
     let term_before = cluster.status(&leader).await.term;
     cluster.terminate(victim);
     cluster.start(victim, &three_wrong).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let status = cluster.status(&leader).await;
     assert_eq!(status.leader.as_deref(), Some(leader.as_str()));
-    assert_eq!(status.term, term_before, "the isolated node disrupted the cluster");
+    assert_eq!(
+        status.term, term_before,
+        "the isolated node disrupted the cluster"
+    );
     let isolated: ClusterStatus = cluster
         .http
         .get(cluster.url(victim, "/v1/cluster"))
-        .bearer_auth(rampart::node::context::admin_token(b"another-secret-entirely-9876543210"))
+        .bearer_auth(rampart::node::context::admin_token(
+            b"another-secret-entirely-9876543210",
+        ))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(isolated.leader, None, "the node with the wrong secret found a leader");
+    assert_eq!(
+        isolated.leader, None,
+        "the node with the wrong secret found a leader"
+    );
     assert!(isolated.term > term_before, "it did campaign");
 }

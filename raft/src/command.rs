@@ -18,8 +18,13 @@ pub enum Command {
     /// Adds a node record, or replaces the record of the node with this id.
     UpsertNode(NodeRecord),
     /// Forgets a node. Refused while a module assignment still names it.
-    RemoveNode { id: NodeId },
-    SetNodeAdmin { id: NodeId, admin: NodeAdmin },
+    RemoveNode {
+        id: NodeId,
+    },
+    SetNodeAdmin {
+        id: NodeId,
+        admin: NodeAdmin,
+    },
     /// Installs (or replaces) a module package. `digest` is the blake3 of `package`.
     InstallModule {
         name: String,
@@ -27,32 +32,49 @@ pub enum Command {
         digest: String,
         package: Vec<u8>,
     },
-    UninstallModule { name: String },
+    UninstallModule {
+        name: String,
+    },
     /// Sets the module's operator switches; `None` leaves a switch as it is.
     SetModuleAdmin {
         name: String,
         started: Option<bool>,
         failover: Option<bool>,
     },
-    SetModuleNodeEnabled { name: String, node: NodeId, enabled: bool },
+    SetModuleNodeEnabled {
+        name: String,
+        node: NodeId,
+        enabled: bool,
+    },
     /// A new mirror assignment; accepted only with an epoch above the current one.
-    AssignMirror { module: String, assignment: MirrorAssignment },
+    AssignMirror {
+        module: String,
+        assignment: MirrorAssignment,
+    },
     /// A new farm bucket assignment; accepted only with an epoch above the current one.
-    AssignFarm { module: String, assignment: FarmAssignment },
+    AssignFarm {
+        module: String,
+        assignment: FarmAssignment,
+    },
     /// Records an operator request so that the controller acts on it exactly once.
     RecordIntent {
         module: String,
         request_id: String,
         intent: OperatorIntent,
     },
-    ClearIntent { module: String, request_id: String },
+    ClearIntent {
+        module: String,
+        request_id: String,
+    },
     /// Adds an API token. Only the blake3 hash of the token is stored.
     AddApiToken {
         name: String,
         role: ApiRole,
         token_hash: String,
     },
-    RevokeApiToken { name: String },
+    RevokeApiToken {
+        name: String,
+    },
 }
 
 impl Command {

@@ -24,7 +24,11 @@ pub struct NodeInfo {
 
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (raft {}, api {})", self.name, self.raft_addr, self.api_addr)
+        write!(
+            f,
+            "{} (raft {}, api {})",
+            self.name, self.raft_addr, self.api_addr
+        )
     }
 }
 

@@ -16,15 +16,16 @@ pub async fn require(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let header = request
-        .headers()
-        .get(AUTHORIZATION)
-        .ok_or_else(|| ApiError::Unauthorized("missing 'Authorization: Bearer <token>' header".into()))?;
+    let header = request.headers().get(AUTHORIZATION).ok_or_else(|| {
+        ApiError::Unauthorized("missing 'Authorization: Bearer <token>' header".into())
+    })?;
     let token = header
         .to_str()
         .ok()
         .and_then(|h| h.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be 'Bearer <token>'".into()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization header must be 'Bearer <token>'".into())
+        })?;
     let role = context
         .role_of_token(token.trim())
         .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;

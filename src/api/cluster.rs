@@ -34,7 +34,11 @@ pub async fn cluster_status(context: &Context) -> ClusterStatus {
     let replication: BTreeMap<u64, Option<u64>> = metrics
         .replication
         .as_ref()
-        .map(|r| r.iter().map(|(id, log)| (*id, log.map(|l| l.index))).collect())
+        .map(|r| {
+            r.iter()
+                .map(|(id, log)| (*id, log.map(|l| l.index)))
+                .collect()
+        })
         .unwrap_or_default();
     let voters: Vec<u64> = membership.voter_ids().collect();
     let members = membership
@@ -51,7 +55,12 @@ pub async fn cluster_status(context: &Context) -> ClusterStatus {
                 role: record.map(|r| r.role),
                 admin: record.map(|r| r.admin),
                 lans: record
-                    .map(|r| r.lans.iter().map(|l| format!("{}={}", l.lan, l.addr)).collect())
+                    .map(|r| {
+                        r.lans
+                            .iter()
+                            .map(|l| format!("{}={}", l.lan, l.addr))
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 matched_index: replication.get(id).copied().flatten(),
             }
@@ -79,7 +88,10 @@ pub async fn nodes(State(context): State<Context>) -> Json<Vec<Member>> {
     Json(cluster_status(&context).await.members)
 }
 
-pub async fn node(State(context): State<Context>, Path(name): Path<String>) -> Result<Json<Member>, ApiError> {
+pub async fn node(
+    State(context): State<Context>,
+    Path(name): Path<String>,
+) -> Result<Json<Member>, ApiError> {
     cluster_status(&context)
         .await
         .members
@@ -115,7 +127,9 @@ pub async fn join(
     ApiJson(request): ApiJson<JoinRequest>,
 ) -> Result<Json<ClusterStatus>, ApiError> {
     if request.seed.trim().is_empty() {
-        return Err(ApiError::BadRequest("'seed' must be the Raft address (host:port) of a member".into()));
+        return Err(ApiError::BadRequest(
+            "'seed' must be the Raft address (host:port) of a member".into(),
+        ));
     }
     context.join(request.seed.trim()).await?;
     Ok(Json(cluster_status(&context).await))

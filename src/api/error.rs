@@ -68,9 +68,13 @@ impl From<ClusterError> for ApiError {
         let message = e.to_string();
         match e {
             ClusterError::NoLeader(_) => ApiError::Unavailable(message),
-            ClusterError::Rejected(_) | ClusterError::AlreadyInitialized => ApiError::Conflict(message),
+            ClusterError::Rejected(_) | ClusterError::AlreadyInitialized => {
+                ApiError::Conflict(message)
+            }
             ClusterError::Invalid(_) => ApiError::BadRequest(message),
-            ClusterError::Unreachable(_) | ClusterError::Authentication(_) => ApiError::BadGateway(message),
+            ClusterError::Unreachable(_) | ClusterError::Authentication(_) => {
+                ApiError::BadGateway(message)
+            }
             ClusterError::Failed(_) => ApiError::Internal(message),
         }
     }

@@ -46,8 +46,14 @@ pub async fn add(
     }))
 }
 
-pub async fn revoke(State(context): State<Context>, Path(name): Path<String>) -> Result<Json<Committed>, ApiError> {
-    if context.view.read(|s| !s.cluster.api_tokens.contains_key(&name)) {
+pub async fn revoke(
+    State(context): State<Context>,
+    Path(name): Path<String>,
+) -> Result<Json<Committed>, ApiError> {
+    if context
+        .view
+        .read(|s| !s.cluster.api_tokens.contains_key(&name))
+    {
         return Err(ApiError::NotFound(format!("no token named '{name}'")));
     }
     let receipt = context.write(Command::RevokeApiToken { name }).await?;

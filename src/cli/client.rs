@@ -31,7 +31,11 @@ impl ApiClient {
         self.send(self.http.get(self.url(path))).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
@@ -43,12 +47,20 @@ impl ApiClient {
         format!("{}{path}", self.base)
     }
 
-    async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> anyhow::Result<T> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
         let response = request
             .bearer_auth(&self.token)
             .send()
             .await
-            .with_context(|| format!("cannot reach the admin API at {} (is the node running?)", self.base))?;
+            .with_context(|| {
+                format!(
+                    "cannot reach the admin API at {} (is the node running?)",
+                    self.base
+                )
+            })?;
         let status = response.status();
         let body = response.bytes().await.context("reading the API response")?;
         if !status.is_success() {

@@ -84,7 +84,10 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             stop(children).await;
-            Err(e.context(format!("the demo cluster did not come up; see the logs in {}", args.dir.display())))
+            Err(e.context(format!(
+                "the demo cluster did not come up; see the logs in {}",
+                args.dir.display()
+            )))
         }
     }
 }
@@ -94,9 +97,13 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
         let is_demo = dir.join(MARKER).exists();
         let is_empty = std::fs::read_dir(dir)?.next().is_none();
         if is_demo {
-            std::fs::remove_dir_all(dir).with_context(|| format!("removing the previous demo in {}", dir.display()))?;
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("removing the previous demo in {}", dir.display()))?;
         } else if !is_empty {
-            bail!("{} exists and was not made by `rampart demo`; choose another --dir", dir.display());
+            bail!(
+                "{} exists and was not made by `rampart demo`; choose another --dir",
+                dir.display()
+            );
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -149,7 +156,9 @@ async fn bring_up(config: &ClusterConfig, token: &str) -> anyhow::Result<Cluster
         let leader = statuses[0].leader.clone();
         let agreed = leader.is_some()
             && statuses.iter().all(|s| {
-                s.leader == leader && s.members.len() == config.nodes.len() && s.members.iter().all(|m| m.role.is_some())
+                s.leader == leader
+                    && s.members.len() == config.nodes.len()
+                    && s.members.iter().all(|m| m.role.is_some())
             });
         if agreed {
             return Ok(statuses.remove(0));

@@ -24,7 +24,12 @@ use client::ApiClient;
 #[command(name = "rampart", version, about = "High-availability cluster manager")]
 pub struct Cli {
     /// cluster.xml of this cluster.
-    #[arg(long, global = true, env = "RAMPART_CONFIG", default_value = "/etc/rampart/cluster.xml")]
+    #[arg(
+        long,
+        global = true,
+        env = "RAMPART_CONFIG",
+        default_value = "/etc/rampart/cluster.xml"
+    )]
     pub config: PathBuf,
     /// This node's name in cluster.xml (default: the node whose address is local).
     #[arg(long, global = true, env = "RAMPART_NODE")]
@@ -86,7 +91,9 @@ pub enum TokenCommand {
         role: ApiRole,
     },
     List,
-    Revoke { name: String },
+    Revoke {
+        name: String,
+    },
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -116,7 +123,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .await?
                 }
                 ClusterCommand::Leave => client.post("/v1/cluster/leave", &()).await?,
-                ClusterCommand::Remove { name } => client.delete(&format!("/v1/nodes/{name}")).await?,
+                ClusterCommand::Remove { name } => {
+                    client.delete(&format!("/v1/nodes/{name}")).await?
+                }
                 ClusterCommand::Secret { .. } => unreachable!("handled above"),
             };
             print(&cli, &status, output::status_table)
@@ -126,13 +135,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match command {
                 TokenCommand::Add { name, role } => {
                     let created: CreatedToken = client
-                        .post("/v1/tokens", &NewToken { name: name.clone(), role: *role })
+                        .post(
+                            "/v1/tokens",
+                            &NewToken {
+                                name: name.clone(),
+                                role: *role,
+                            },
+                        )
                         .await?;
                     print(&cli, &created, |t| format!("{}\n", t.token))
                 }
                 TokenCommand::List => {
                     let tokens: Vec<TokenSummary> = client.get("/v1/tokens").await?;
-                    print(&cli, &tokens, output::token_table)
+                    print(&cli, &tokens, |t| output::token_table(t))
                 }
                 TokenCommand::Revoke { name } => {
                     let _: serde_json::Value = client.delete(&format!("/v1/tokens/{name}")).await?;
@@ -144,7 +159,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn print<T: serde::Serialize>(cli: &Cli, value: &T, human: impl Fn(&T) -> String) -> anyhow::Result<ExitCode> {
+fn print<T: serde::Serialize>(
+    cli: &Cli,
+    value: &T,
+    human: impl Fn(&T) -> String,
+) -> anyhow::Result<ExitCode> {
     if cli.json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
@@ -159,7 +178,11 @@ fn load_config(cli: &Cli) -> anyhow::Result<ClusterConfig> {
 
 fn api_client(cli: &Cli) -> anyhow::Result<ApiClient> {
     let needs_config = cli.api.is_none() || cli.token.is_none();
-    let config = if needs_config { Some(load_config(cli)?) } else { None };
+    let config = if needs_config {
+        Some(load_config(cli)?)
+    } else {
+        None
+    };
     let api = match &cli.api {
         Some(api) => api.clone(),
         None => config
@@ -195,8 +218,12 @@ pub fn write_secret(path: &std::path::Path) -> anyhow::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("creating {} (an existing secret is never overwritten)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "creating {} (an existing secret is never overwritten)",
+                path.display()
+            )
+        })?;
     writeln!(file, "{hex}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
-

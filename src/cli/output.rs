@@ -54,18 +54,22 @@ pub fn status_table(status: &ClusterStatus) -> String {
                 } else {
                     "learner".into()
                 },
-                m.role.map_or("-".into(), |r| format!("{r:?}").to_lowercase()),
+                m.role
+                    .map_or("-".into(), |r| format!("{r:?}").to_lowercase()),
                 m.raft_addr.clone(),
                 m.api_addr.clone(),
                 opt(m.matched_index),
             ]
         })
         .collect();
-    out.push_str(&table(&["NAME", "RAFT", "ROLE", "RAFT ADDR", "API ADDR", "MATCHED"], &rows));
+    out.push_str(&table(
+        &["NAME", "RAFT", "ROLE", "RAFT ADDR", "API ADDR", "MATCHED"],
+        &rows,
+    ));
     out
 }
 
-pub fn token_table(tokens: &Vec<TokenSummary>) -> String {
+pub fn token_table(tokens: &[TokenSummary]) -> String {
     let rows: Vec<Vec<String>> = tokens
         .iter()
         .map(|t| vec![t.name.clone(), format!("{:?}", t.role).to_lowercase()])
@@ -81,7 +85,10 @@ mod tests {
     fn columns_align_on_the_widest_cell() {
         let out = table(
             &["A", "B"],
-            &[vec!["long-name".into(), "x".into()], vec!["s".into(), "y".into()]],
+            &[
+                vec!["long-name".into(), "x".into()],
+                vec!["s".into(), "y".into()],
+            ],
         );
         assert_eq!(out, "A          B\nlong-name  x\ns          y\n");
     }

@@ -168,7 +168,10 @@ impl ClusterConfig {
     pub fn parse(file: &str, text: &str, base: &Path) -> Result<Self, ConfigError> {
         let root = xml::parse(file, text)?;
         if root.name != "cluster" {
-            return Err(root.error(format!("the root element is <{}>: expected <cluster>", root.name)));
+            return Err(root.error(format!(
+                "the root element is <{}>: expected <cluster>",
+                root.name
+            )));
         }
         root.check_attributes(&[], &[])?;
         root.check_children(&["rampart", "lans"])?;
@@ -231,7 +234,10 @@ impl ClusterConfig {
                 &[
                     ("command", "commands always use the first LAN"),
                     ("framework", "Raft and the API always use the first LAN"),
-                    ("console", "the web console is served on every node's API port"),
+                    (
+                        "console",
+                        "the web console is served on every node's API port",
+                    ),
                 ],
             )?);
             lan.check_children(&["node"])?;
@@ -243,7 +249,9 @@ impl ClusterConfig {
             for node in lan.children_named("node") {
                 let name = node.required("name")?.to_string();
                 if seen.contains(&name) {
-                    return Err(node.error(format!("node '{name}' is listed twice in LAN '{lan_name}'")));
+                    return Err(
+                        node.error(format!("node '{name}' is listed twice in LAN '{lan_name}'"))
+                    );
                 }
                 seen.push(name.clone());
                 let addr: IpAddr = node
@@ -251,7 +259,14 @@ impl ClusterConfig {
                     .ok_or_else(|| node.error("<node> needs the attribute 'addr'"))?;
                 if lan_index == 0 {
                     node.check_attributes(
-                        &["name", "addr", "raft_port", "api_port", "data_dir", "witness"],
+                        &[
+                            "name",
+                            "addr",
+                            "raft_port",
+                            "api_port",
+                            "data_dir",
+                            "witness",
+                        ],
                         &[],
                     )?;
                     check_node_name(node, &name)?;
@@ -261,7 +276,10 @@ impl ClusterConfig {
                         addrs: vec![addr],
                         raft_port: port(node, "raft_port")?.unwrap_or(default_raft_port),
                         api_port: port(node, "api_port")?.unwrap_or(default_api_port),
-                        data_dir: node.attr("data_dir").map(PathBuf::from).unwrap_or_else(|| data_dir.clone()),
+                        data_dir: node
+                            .attr("data_dir")
+                            .map(PathBuf::from)
+                            .unwrap_or_else(|| data_dir.clone()),
                         witness: node.flag("witness")?.unwrap_or(false),
                     });
                 } else {
@@ -277,7 +295,10 @@ impl ClusterConfig {
             }
             if lan_index > 0 {
                 if let Some(missing) = nodes.iter().find(|n| n.addrs.len() != lan_index + 1) {
-                    return Err(lan.error(format!("LAN '{lan_name}' has no address for node '{}'", missing.name)));
+                    return Err(lan.error(format!(
+                        "LAN '{lan_name}' has no address for node '{}'",
+                        missing.name
+                    )));
                 }
             }
             lans.push(lan_name);
@@ -330,13 +351,21 @@ impl ClusterConfig {
             several => Err(format!(
                 "several nodes of {} have a local address ({}); name the node with --name",
                 self.path.display(),
-                several.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+                several
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
 
     fn node_names(&self) -> String {
-        self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+        self.nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Reads the cluster secret. Surrounding white space is not part of it.
@@ -363,7 +392,10 @@ impl ClusterConfig {
 fn port(element: &Element, name: &str) -> Result<Option<u16>, ConfigError> {
     let port: Option<u16> = element.parsed(name, "a TCP port between 1 and 65535")?;
     if port == Some(0) {
-        return Err(element.error(format!("attribute '{name}' of <{}> is 0: expected a TCP port between 1 and 65535", element.name)));
+        return Err(element.error(format!(
+            "attribute '{name}' of <{}> is 0: expected a TCP port between 1 and 65535",
+            element.name
+        )));
     }
     Ok(port)
 }
@@ -372,7 +404,9 @@ fn check_node_name(element: &Element, name: &str) -> Result<(), ConfigError> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if valid {
         Ok(())
     } else {

@@ -26,7 +26,11 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.pos {
-            Some(pos) => write!(f, "{}:{}:{}: {}", self.file, pos.line, pos.column, self.message),
+            Some(pos) => write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, pos.line, pos.column, self.message
+            ),
             None => write!(f, "{}: {}", self.file, self.message),
         }
     }
@@ -54,8 +58,14 @@ fn pos_at(text: &str, offset: usize) -> Pos {
     let offset = offset.min(text.len());
     let before = &text.as_bytes()[..offset];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
     Pos {
         line: line as u32,
         column: column as u32,
@@ -74,23 +84,32 @@ pub fn parse(file: &str, text: &str) -> Result<Element, ConfigError> {
     let mut root: Option<Element> = None;
     loop {
         let start = reader.buffer_position() as usize;
-        let event = reader
-            .read_event()
-            .map_err(|e| error(reader.error_position() as usize, format!("malformed XML: {e}")))?;
+        let event = reader.read_event().map_err(|e| {
+            error(
+                reader.error_position() as usize,
+                format!("malformed XML: {e}"),
+            )
+        })?;
         match event {
             Event::Start(ref tag) | Event::Empty(ref tag) => {
                 let name = String::from_utf8_lossy(tag.name().as_ref()).into_owned();
                 if root.is_some() && stack.is_empty() {
-                    return Err(error(start, format!("<{name}> after the root element ends")));
+                    return Err(error(
+                        start,
+                        format!("<{name}> after the root element ends"),
+                    ));
                 }
                 let mut attributes = Vec::new();
                 for attribute in tag.attributes() {
-                    let attribute = attribute
-                        .map_err(|e| error(start, format!("malformed attribute in <{name}>: {e}")))?;
+                    let attribute = attribute.map_err(|e| {
+                        error(start, format!("malformed attribute in <{name}>: {e}"))
+                    })?;
                     let key = String::from_utf8_lossy(attribute.key.as_ref()).into_owned();
                     let value = attribute
                         .unescape_value()
-                        .map_err(|e| error(start, format!("bad value of '{key}' in <{name}>: {e}")))?
+                        .map_err(|e| {
+                            error(start, format!("bad value of '{key}' in <{name}>: {e}"))
+                        })?
                         .into_owned();
                     attributes.push(Attribute { name: key, value });
                 }
@@ -115,8 +134,13 @@ pub fn parse(file: &str, text: &str) -> Result<Element, ConfigError> {
             Event::Text(ref t) => {
                 let raw = String::from_utf8_lossy(t.as_ref());
                 if !raw.trim().is_empty() {
-                    let inside = stack.last().map_or("the document".to_string(), |e| format!("<{}>", e.name));
-                    return Err(error(start, format!("unexpected text '{}' in {inside}", raw.trim())));
+                    let inside = stack
+                        .last()
+                        .map_or("the document".to_string(), |e| format!("<{}>", e.name));
+                    return Err(error(
+                        start,
+                        format!("unexpected text '{}' in {inside}", raw.trim()),
+                    ));
                 }
             }
             Event::CData(_) => return Err(error(start, "unexpected CDATA section".into())),
@@ -232,7 +256,11 @@ impl Element {
                     if known.is_empty() {
                         "no child element".to_string()
                     } else {
-                        known.iter().map(|k| format!("<{k}>")).collect::<Vec<_>>().join(", ")
+                        known
+                            .iter()
+                            .map(|k| format!("<{k}>"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     }
                 )));
             }

@@ -53,18 +53,16 @@ impl NodeContext {
                 CommandResponse::Applied => Ok(receipt),
                 CommandResponse::Rejected(reason) => Err(ClusterError::Rejected(reason.clone())),
             },
-            other => Err(ClusterError::Failed(format!("unexpected reply to a write: {other:?}"))),
+            other => Err(ClusterError::Failed(format!(
+                "unexpected reply to a write: {other:?}"
+            ))),
         }
     }
 
     /// Makes a cluster of every node in cluster.xml, then records each node.
     pub async fn initialize(&self) -> Result<(), ClusterError> {
-        let members: BTreeMap<NodeId, NodeInfo> = self
-            .config
-            .nodes
-            .iter()
-            .map(|n| (n.id, n.info()))
-            .collect();
+        let members: BTreeMap<NodeId, NodeInfo> =
+            self.config.nodes.iter().map(|n| (n.id, n.info())).collect();
         match self.raft.initialize(members).await {
             Ok(()) => {}
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
@@ -105,7 +103,11 @@ impl NodeContext {
 
     fn is_voter(&self, id: NodeId) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
-        let is_voter = metrics.membership_config.membership().voter_ids().any(|v| v == id);
+        let is_voter = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id);
         is_voter
     }
 
@@ -150,7 +152,9 @@ impl NodeContext {
                     last_problem = "the node asked is not the leader".into();
                     next_target = leader.map(|l| l.raft_addr);
                 }
-                Some(Err(LeaderError::Invalid(reason))) => return Err(ClusterError::Invalid(reason)),
+                Some(Err(LeaderError::Invalid(reason))) => {
+                    return Err(ClusterError::Invalid(reason))
+                }
                 Some(Err(LeaderError::Failed(reason))) => return Err(ClusterError::Failed(reason)),
                 None => {}
             }
@@ -194,7 +198,9 @@ impl NodeContext {
     async fn leader_join(&self, record: NodeRecord, info: NodeInfo) -> Result<(), LeaderError> {
         let id = record.id;
         if id != node_id_for_name(&info.name) || record.name != info.name {
-            return Err(LeaderError::Invalid("the node record and address disagree".into()));
+            return Err(LeaderError::Invalid(
+                "the node record and address disagree".into(),
+            ));
         }
         if let Some(clash) = self.member_infos().into_iter().find(|(other, i)| {
             *other != id && (i.raft_addr == info.raft_addr || i.api_addr == info.api_addr)
@@ -205,15 +211,27 @@ impl NodeContext {
             )));
         }
         // Record first: a voter without a record would be a node nobody can name.
-        match self.leader_write(Command::UpsertNode(record)).await?.response {
+        match self
+            .leader_write(Command::UpsertNode(record))
+            .await?
+            .response
+        {
             CommandResponse::Applied => {}
             CommandResponse::Rejected(reason) => return Err(LeaderError::Invalid(reason)),
         }
         info!(node = %info.name, "adding a learner and waiting for it to catch up");
-        tokio::time::timeout(LEADER_OP_TIMEOUT, self.raft.add_learner(id, info.clone(), true))
-            .await
-            .map_err(|_| LeaderError::Failed(format!("'{}' did not catch up with the log in time", info.name)))?
-            .map_err(write_error)?;
+        tokio::time::timeout(
+            LEADER_OP_TIMEOUT,
+            self.raft.add_learner(id, info.clone(), true),
+        )
+        .await
+        .map_err(|_| {
+            LeaderError::Failed(format!(
+                "'{}' did not catch up with the log in time",
+                info.name
+            ))
+        })?
+        .map_err(write_error)?;
         self.raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
             .await
@@ -225,17 +243,24 @@ impl NodeContext {
     async fn leader_remove(&self, id: NodeId) -> Result<(), LeaderError> {
         let members = self.member_infos();
         let Some(info) = members.get(&id) else {
-            return Err(LeaderError::Invalid(format!("node {id} is not a member of this cluster")));
+            return Err(LeaderError::Invalid(format!(
+                "node {id} is not a member of this cluster"
+            )));
         };
         let metrics = self.raft.metrics().borrow().clone();
         let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
         if voters.len() == 1 && voters.contains(&id) {
-            return Err(LeaderError::Invalid("the last voter cannot be removed".into()));
+            return Err(LeaderError::Invalid(
+                "the last voter cannot be removed".into(),
+            ));
         }
         // Refuse before touching membership, so a refused removal changes nothing.
         let role = self.view.read(|s| {
             s.cluster.modules.values().find_map(|m| {
-                let in_mirror = m.mirror.as_ref().is_some_and(|a| a.prim == Some(id) || a.second == Some(id));
+                let in_mirror = m
+                    .mirror
+                    .as_ref()
+                    .is_some_and(|a| a.prim == Some(id) || a.second == Some(id));
                 let in_farm = m.farm.as_ref().is_some_and(|f| f.members_up.contains(&id));
                 (in_mirror || in_farm).then(|| m.name.clone())
             })
@@ -251,9 +276,18 @@ impl NodeContext {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
-        self.raft.change_membership(change, false).await.map_err(write_error)?;
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(write_error)?;
         if self.view.read(|s| s.cluster.nodes.contains_key(&id)) {
-            match self.raft.client_write(Command::RemoveNode { id }).await.map_err(write_error)?.data {
+            match self
+                .raft
+                .client_write(Command::RemoveNode { id })
+                .await
+                .map_err(write_error)?
+                .data
+            {
                 CommandResponse::Applied => {}
                 CommandResponse::Rejected(reason) => return Err(LeaderError::Failed(reason)),
             }

@@ -38,10 +38,7 @@ pub struct RunningNode {
 
 /// Starts the node named `name` (or the one whose address is local) of `config`.
 pub async fn start(config: ClusterConfig, name: Option<&str>) -> anyhow::Result<RunningNode> {
-    let me = config
-        .local_node(name)
-        .map_err(anyhow::Error::msg)?
-        .clone();
+    let me = config.local_node(name).map_err(anyhow::Error::msg)?.clone();
     let secret = config.read_secret().map_err(anyhow::Error::msg)?;
     claim_data_dir(&me.data_dir, &me.name)?;
 
@@ -146,8 +143,9 @@ fn claim_data_dir(dir: &Path, name: &str) -> anyhow::Result<()> {
             dir.display(),
             owner.trim()
         ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::write(&marker, name)
-            .with_context(|| format!("writing {}", marker.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&marker, name).with_context(|| format!("writing {}", marker.display()))
+        }
         Err(e) => Err(e).with_context(|| format!("reading {}", marker.display())),
     }
 }

@@ -20,7 +20,9 @@ impl RpcHandler for RpcService {
     async fn handle(&self, rpc: Rpc) -> RpcReply {
         let raft = &self.context.raft;
         match rpc {
-            Rpc::AppendEntries(request) => RpcReply::AppendEntries(raft.append_entries(request).await),
+            Rpc::AppendEntries(request) => {
+                RpcReply::AppendEntries(raft.append_entries(request).await)
+            }
             Rpc::Vote(request) => RpcReply::Vote(raft.vote(request).await),
             Rpc::InstallSnapshot(request) => {
                 RpcReply::InstallSnapshot(raft.install_snapshot(request).await)

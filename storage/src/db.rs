@@ -40,10 +40,11 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let families = COLUMN_FAMILIES
         .iter()
         .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
-    let db = DB::open_cf_descriptors(&options, path, families).map_err(|source| StoreError::Open {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let db =
+        DB::open_cf_descriptors(&options, path, families).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
     let db = Arc::new(db);
     let state_machine =
         StateMachineStore::restore(db.clone()).map_err(|reason| StoreError::CorruptSnapshot {

@@ -47,7 +47,10 @@ impl LogStore {
         LogStore { db }
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
         let bytes = self
             .db
             .get_cf(cf(&self.db, CF_RAFT_META), key)
@@ -155,7 +158,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     /// All entries are written in one batch and the WAL is synced before `callback`
     /// reports them flushed: an acknowledged append survives a crash.
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
     {

@@ -142,7 +142,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Blank => CommandResponse::Applied,
                     EntryPayload::Normal(command) => state.cluster.apply(&command),
                     EntryPayload::Membership(membership) => {
-                        state.last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                        state.last_membership =
+                            StoredMembership::new(Some(entry.log_id), membership);
                         CommandResponse::Applied
                     }
                 };

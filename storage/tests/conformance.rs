@@ -1,4 +1,6 @@
 //! openraft's storage conformance suite on the RocksDB store, and a restart test.
+// openraft's StorageError is large by its design; the suite returns it as is.
+#![allow(clippy::result_large_err)]
 
 use openraft::testing::{StoreBuilder, Suite};
 use rampart_raft::types::StorageError;
@@ -53,8 +55,14 @@ mod restart {
         {
             let (mut log, mut sm) = rampart_storage::open(dir.path()).unwrap();
             log.save_vote(&Vote::new(3, 1)).await.unwrap();
-            sm.apply(vec![upsert(1, "a"), upsert(2, "b")]).await.unwrap();
-            sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+            sm.apply(vec![upsert(1, "a"), upsert(2, "b")])
+                .await
+                .unwrap();
+            sm.get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
         }
         let (mut log, mut sm) = rampart_storage::open(dir.path()).unwrap();
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));

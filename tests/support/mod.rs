@@ -22,7 +22,10 @@ pub fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..count)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
         .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 #[derive(Clone)]
@@ -61,7 +64,11 @@ impl TestCluster {
             .collect();
         let dir = tempfile::tempdir().expect("a temporary directory");
         std::fs::write(dir.path().join("secret"), SECRET).unwrap();
-        std::fs::write(dir.path().join("wrong-secret"), "another-secret-entirely-9876543210").unwrap();
+        std::fs::write(
+            dir.path().join("wrong-secret"),
+            "another-secret-entirely-9876543210",
+        )
+        .unwrap();
         TestCluster {
             dir,
             specs,
@@ -113,27 +120,41 @@ impl TestCluster {
             .expect("the rampart binary starts");
         self.processes.push((name.to_string(), child));
         let spec = self.spec(name).clone();
-        wait_until(Duration::from_secs(15), &format!("{name} serves its API"), || async {
-            self.http
-                .get(format!("http://{}/health", spec.api_addr()))
-                .send()
-                .await
-                .is_ok()
-        })
+        wait_until(
+            Duration::from_secs(15),
+            &format!("{name} serves its API"),
+            || async {
+                self.http
+                    .get(format!("http://{}/health", spec.api_addr()))
+                    .send()
+                    .await
+                    .is_ok()
+            },
+        )
         .await;
     }
 
     pub fn spec(&self, name: &str) -> &NodeSpec {
-        self.specs.iter().find(|s| s.name == name).expect("a planned node")
+        self.specs
+            .iter()
+            .find(|s| s.name == name)
+            .expect("a planned node")
     }
 
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self.processes.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+        self.processes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
     }
 
     /// kill -9, and reap.
     pub fn kill(&mut self, name: &str) {
-        let index = self.processes.iter().position(|(n, _)| n == name).expect("a running node");
+        let index = self
+            .processes
+            .iter()
+            .position(|(n, _)| n == name)
+            .expect("a running node");
         let (_, mut child) = self.processes.remove(index);
         child.kill().unwrap();
         child.wait().unwrap();
@@ -141,7 +162,11 @@ impl TestCluster {
 
     /// SIGTERM, and wait for a clean exit; returns whether it exited with status 0.
     pub fn terminate(&mut self, name: &str) -> bool {
-        let index = self.processes.iter().position(|(n, _)| n == name).expect("a running node");
+        let index = self
+            .processes
+            .iter()
+            .position(|(n, _)| n == name)
+            .expect("a running node");
         let (_, mut child) = self.processes.remove(index);
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -215,7 +240,10 @@ impl TestCluster {
             if let Some(leader) = self.agreed_leader(nodes, members).await {
                 return leader;
             }
-            assert!(Instant::now() < deadline, "{nodes:?} did not agree on members {members:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{nodes:?} did not agree on members {members:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -233,7 +261,12 @@ impl TestCluster {
                 .await
                 .ok()?;
             let status: ClusterStatus = response.json().await.ok()?;
-            let voters: Vec<String> = status.members.iter().filter(|m| m.voter).map(|m| m.name.clone()).collect();
+            let voters: Vec<String> = status
+                .members
+                .iter()
+                .filter(|m| m.voter)
+                .map(|m| m.name.clone())
+                .collect();
             if voters != expected || status.members.iter().any(|m| m.role.is_none()) {
                 return None;
             }
@@ -253,7 +286,9 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             // Keep the logs of a failed test visible in its output.
             for spec in &self.specs {
-                if let Ok(log) = std::fs::read_to_string(self.dir.path().join(format!("{}.log", spec.name))) {
+                if let Ok(log) =
+                    std::fs::read_to_string(self.dir.path().join(format!("{}.log", spec.name)))
+                {
                     let tail: Vec<&str> = log.lines().rev().take(30).collect();
                     eprintln!("---- last lines of {} ----", spec.name);
                     for line in tail.iter().rev() {
@@ -273,7 +308,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

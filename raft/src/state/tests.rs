@@ -96,7 +96,10 @@ fn a_node_with_a_role_cannot_be_removed() {
     let reason = rejected(state.apply(&Command::RemoveNode {
         id: node_id_for_name("b"),
     }));
-    assert!(reason.contains("still has a role in module 'db'"), "{reason}");
+    assert!(
+        reason.contains("still has a role in module 'db'"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -190,18 +193,21 @@ fn arb_command() -> impl Strategy<Value = Command> {
         module
             .clone()
             .prop_map(|name| Command::UninstallModule { name }),
-        (
-            module.clone(),
-            any::<Option<bool>>(),
-            any::<Option<bool>>()
-        )
-            .prop_map(|(name, started, failover)| Command::SetModuleAdmin {
+        (module.clone(), any::<Option<bool>>(), any::<Option<bool>>()).prop_map(
+            |(name, started, failover)| Command::SetModuleAdmin {
                 name,
                 started,
                 failover
-            }),
-        (module.clone(), 0u64..6, arb_node(), arb_node(), any::<bool>()).prop_map(
-            |(module, epoch, prim, second, both)| {
+            }
+        ),
+        (
+            module.clone(),
+            0u64..6,
+            arb_node(),
+            arb_node(),
+            any::<bool>()
+        )
+            .prop_map(|(module, epoch, prim, second, both)| {
                 let mut uptodate = BTreeSet::from([prim]);
                 if both {
                     uptodate.insert(second);
@@ -216,10 +222,13 @@ fn arb_command() -> impl Strategy<Value = Command> {
                         phase: SyncPhase::Synced,
                     },
                 }
-            }
-        ),
-        (module.clone(), 0u64..6, prop::collection::vec(arb_node(), 1..3)).prop_map(
-            |(module, epoch, members)| {
+            }),
+        (
+            module.clone(),
+            0u64..6,
+            prop::collection::vec(arb_node(), 1..3)
+        )
+            .prop_map(|(module, epoch, members)| {
                 let members_up: BTreeSet<NodeId> = members.iter().copied().collect();
                 let buckets = (0..FARM_BUCKETS)
                     .map(|b| Some(members[b % members.len()]))
@@ -232,8 +241,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
                         buckets,
                     },
                 }
-            }
-        ),
+            }),
         (module.clone(), "[a-c]", arb_node()).prop_map(|(module, request_id, node)| {
             Command::RecordIntent {
                 module,
@@ -244,17 +252,17 @@ fn arb_command() -> impl Strategy<Value = Command> {
                 },
             }
         }),
-        (module, "[a-c]").prop_map(|(module, request_id)| Command::ClearIntent {
-            module,
-            request_id
-        }),
-        ("[a-c]", prop::sample::select(&[ApiRole::Monitor, ApiRole::Admin][..])).prop_map(
-            |(name, role)| Command::AddApiToken {
+        (module, "[a-c]")
+            .prop_map(|(module, request_id)| Command::ClearIntent { module, request_id }),
+        (
+            "[a-c]",
+            prop::sample::select(&[ApiRole::Monitor, ApiRole::Admin][..])
+        )
+            .prop_map(|(name, role)| Command::AddApiToken {
                 token_hash: blake3::hash(name.as_bytes()).to_hex().to_string(),
                 name,
                 role,
-            }
-        ),
+            }),
     ]
 }
 

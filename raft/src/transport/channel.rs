@@ -51,7 +51,10 @@ impl ChannelError {
     /// True when the error says the peer does not hold the cluster secret: retrying
     /// will not help and the operator must fix the configuration.
     pub fn is_authentication(&self) -> bool {
-        matches!(self, ChannelError::AuthenticationFailed | ChannelError::BadMagic)
+        matches!(
+            self,
+            ChannelError::AuthenticationFailed | ChannelError::BadMagic
+        )
     }
 }
 
@@ -112,7 +115,9 @@ pub struct SecureChannel {
 
 impl std::fmt::Debug for SecureChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecureChannel").field("peer", &self.peer).finish()
+        f.debug_struct("SecureChannel")
+            .field("peer", &self.peer)
+            .finish()
     }
 }
 
@@ -265,7 +270,10 @@ impl FrameReader {
         self.stream.read_exact(&mut payload).await?;
         let mut mac = [0u8; MAC_LEN];
         self.stream.read_exact(&mut mac).await?;
-        if !constant_time_eq(&mac, &frame_mac(&self.key, self.direction, self.seq, &payload)) {
+        if !constant_time_eq(
+            &mac,
+            &frame_mac(&self.key, self.direction, self.seq, &payload),
+        ) {
             return Err(ChannelError::BadFrame);
         }
         self.seq += 1;

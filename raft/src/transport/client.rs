@@ -70,12 +70,13 @@ impl PeerConnection {
             source,
         })?;
         if self.channel.is_none() {
-            let channel = SecureChannel::connect(&self.addr, &self.key, CONNECT_TIMEOUT.min(timeout))
-                .await
-                .map_err(|source| CallError::Connect {
-                    addr: addr.clone(),
-                    source,
-                })?;
+            let channel =
+                SecureChannel::connect(&self.addr, &self.key, CONNECT_TIMEOUT.min(timeout))
+                    .await
+                    .map_err(|source| CallError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
             self.channel = Some(channel);
         }
         let channel = self.channel.as_mut().expect("connected just above");
@@ -193,7 +194,10 @@ impl RaftNetwork<TypeConfig> for RaftPeer {
         request: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        match self.exchange(Rpc::InstallSnapshot(request), &option).await? {
+        match self
+            .exchange(Rpc::InstallSnapshot(request), &option)
+            .await?
+        {
             RpcReply::InstallSnapshot(result) => self.remote(result),
             other => Err(unexpected(&other)),
         }

@@ -125,12 +125,18 @@ fn invalid_files_are_rejected_with_position_and_reason() {
     ];
     for (text, line, column, fragment) in cases {
         let error = parse(text).expect_err(text);
-        let pos = error.pos.unwrap_or_else(|| panic!("no position for {text}: {error}"));
+        let pos = error
+            .pos
+            .unwrap_or_else(|| panic!("no position for {text}: {error}"));
         assert!(
             error.message.contains(fragment),
             "{text}\n→ {error}\nexpected: {fragment}"
         );
-        assert_eq!((pos.line, pos.column), (*line, *column), "{text}\n→ {error}");
+        assert_eq!(
+            (pos.line, pos.column),
+            (*line, *column),
+            "{text}\n→ {error}"
+        );
         assert!(error.to_string().starts_with("cluster.xml:"), "{error}");
     }
 }
@@ -145,7 +151,10 @@ fn local_node_is_found_by_name_or_by_local_address() {
     .unwrap();
     assert_eq!(config.local_node(None).unwrap().name, "here");
     assert_eq!(config.local_node(Some("far")).unwrap().name, "far");
-    assert!(config.local_node(Some("nope")).unwrap_err().contains("no node named 'nope'"));
+    assert!(config
+        .local_node(Some("nope"))
+        .unwrap_err()
+        .contains("no node named 'nope'"));
 }
 
 #[test]
