@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rampart::api::views::{ClusterStatus, TokenSummary};
 use serde_json::json;
-use support::{port_is_free, wait_until, TestCluster};
+use support::{metric, port_is_free, wait_until, TestCluster, SNAPSHOT_EVERY};
 
 /// Commits a write (an API token) through `node`; returns the HTTP status.
 async fn commit_marker(cluster: &TestCluster, node: &str, marker: &str) -> u16 {
@@ -106,7 +106,26 @@ async fn cluster_survives_leader_kill_recovers_and_changes_membership() {
         .wait_for_agreement(&["n1", "n2", "n3"], &["n1", "n2", "n3"])
         .await;
 
-    // Phase 4: a fourth node joins through any member; then n2 is removed.
+    // Phase 4: more commits than a snapshot interval, so the log n4 would need is
+    // purged: n4 joins through any member and receives a snapshot.
+    for i in 0..(2 * SNAPSHOT_EVERY) {
+        assert_eq!(
+            commit_marker(&cluster, "n1", &format!("bulk-{i}")).await,
+            200
+        );
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "every member purged its log",
+        || async {
+            let mut purged = true;
+            for name in ["n1", "n2", "n3"] {
+                purged &= metric(&cluster.metrics(name).await, "rampart_raft_purged_index") > 0;
+            }
+            purged
+        },
+    )
+    .await;
     cluster.start("n4", &four).await;
     let seed = cluster.spec("n3").raft_addr();
     let (code, body) = cluster
@@ -127,8 +146,23 @@ async fn cluster_survives_leader_kill_recovers_and_changes_membership() {
     let status = cluster.status("n1").await;
     assert!(status.members.iter().all(|m| m.name != "n2"));
     assert_eq!(commit_marker(&cluster, "n4", "after-remove").await, 200);
+    let leave = std::process::Command::new(support::BIN)
+        .arg("--config")
+        .arg(&three)
+        .args(["--name", "n3", "cluster", "leave"])
+        .output()
+        .unwrap();
+    assert!(
+        leave.status.success(),
+        "{}",
+        String::from_utf8_lossy(&leave.stderr)
+    );
+    cluster
+        .wait_for_agreement(&["n1", "n4"], &["n1", "n4"])
+        .await;
+    assert_eq!(commit_marker(&cluster, "n1", "after-leave").await, 200);
 
-    // Phase 5: SIGTERM stops every node cleanly and releases its ports.
+    // Phase 6: SIGTERM stops every node cleanly and releases its ports.
     for name in ["n1", "n2", "n3", "n4"] {
         assert!(
             cluster.terminate(name),

@@ -80,6 +80,8 @@ pub async fn cluster_status(context: &Context) -> ClusterStatus {
         commit_index,
         last_applied: metrics.last_applied.map(|l| l.index),
         last_log_index: metrics.last_log_index,
+        snapshot_index: metrics.snapshot.map(|l| l.index),
+        purged_index: metrics.purged.map(|l| l.index),
         members,
     }
 }

@@ -41,6 +41,16 @@ pub async fn prometheus(State(context): State<Context>) -> impl IntoResponse {
         status.last_applied.unwrap_or(0),
     );
     gauge(
+        "rampart_raft_snapshot_index",
+        "Last log index covered by this node's snapshot.",
+        status.snapshot_index.unwrap_or(0),
+    );
+    gauge(
+        "rampart_raft_purged_index",
+        "Last log index purged from this node's log.",
+        status.purged_index.unwrap_or(0),
+    );
+    gauge(
         "rampart_cluster_members",
         "Members in the Raft membership.",
         status.members.len() as u64,

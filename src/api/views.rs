@@ -30,6 +30,10 @@ pub struct ClusterStatus {
     pub commit_index: Option<u64>,
     pub last_applied: Option<u64>,
     pub last_log_index: Option<u64>,
+    /// Last log index covered by this node's snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Last log index purged from this node's log (covered by the snapshot).
+    pub purged_index: Option<u64>,
     pub members: Vec<Member>,
 }
 

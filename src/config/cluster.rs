@@ -7,7 +7,8 @@
 //! <cluster>
 //!   <rampart secret_file="secret" data_dir="/var/lib/rampart"
 //!            raft_port="4800" api_port="4801" heartbeat_ms="100"
-//!            election_timeout_min_ms="300" election_timeout_max_ms="600"/>
+//!            election_timeout_min_ms="300" election_timeout_max_ms="600"
+//!            snapshot_every_entries="1000"/>
 //!   <lans>
 //!     <lan name="default">
 //!       <node name="n1" addr="198.18.0.1"/>
@@ -74,6 +75,9 @@ pub struct RaftTiming {
     /// `[election_timeout_min_ms, election_timeout_max_ms)` starts an election.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// Log entries applied since the last snapshot that trigger a new snapshot (after
+    /// which the log before it is purged; a lagging node then receives the snapshot).
+    pub snapshot_every_entries: u64,
 }
 
 impl Default for RaftTiming {
@@ -82,6 +86,7 @@ impl Default for RaftTiming {
             heartbeat_ms: 100,
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
+            snapshot_every_entries: 1000,
         }
     }
 }
@@ -97,6 +102,9 @@ impl RaftTiming {
                  followers start elections while the leader is healthy",
                 self.election_timeout_min_ms, self.heartbeat_ms
             ));
+        }
+        if self.snapshot_every_entries == 0 {
+            return Err("snapshot_every_entries must be above 0".into());
         }
         if self.election_timeout_max_ms <= self.election_timeout_min_ms {
             return Err(format!(
@@ -193,6 +201,7 @@ impl ClusterConfig {
                     "heartbeat_ms",
                     "election_timeout_min_ms",
                     "election_timeout_max_ms",
+                    "snapshot_every_entries",
                 ],
                 &[],
             )?;
@@ -213,6 +222,9 @@ impl ClusterConfig {
             timing.election_timeout_max_ms = s
                 .parsed("election_timeout_max_ms", ms)?
                 .unwrap_or(timing.election_timeout_max_ms);
+            timing.snapshot_every_entries = s
+                .parsed("snapshot_every_entries", "a whole number of log entries")?
+                .unwrap_or(timing.snapshot_every_entries);
             timing.validate().map_err(|e| s.error(e))?;
         }
 

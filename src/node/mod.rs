@@ -25,10 +25,6 @@ use crate::config::ClusterConfig;
 pub use cluster_ops::ClusterError;
 pub use context::NodeContext;
 
-/// How many log entries may accumulate before the state machine is snapshotted and
-/// the log before the snapshot purged.
-const SNAPSHOT_EVERY_ENTRIES: u64 = 1000;
-
 /// A started node. Dropping it does not stop it: call [`RunningNode::stop`].
 pub struct RunningNode {
     pub context: Arc<NodeContext>,
@@ -50,8 +46,11 @@ pub async fn start(config: ClusterConfig, name: Option<&str>) -> anyhow::Result<
         heartbeat_interval: config.timing.heartbeat_ms,
         election_timeout_min: config.timing.election_timeout_min_ms,
         election_timeout_max: config.timing.election_timeout_max_ms,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
-        max_in_snapshot_log_to_keep: SNAPSHOT_EVERY_ENTRIES,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+            config.timing.snapshot_every_entries,
+        ),
+        // Purge everything a snapshot covers: a lagging node gets the snapshot.
+        max_in_snapshot_log_to_keep: 0,
         ..Default::default()
     }
     .validate()

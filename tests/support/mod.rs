@@ -15,6 +15,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rampart");
+/// Small, so that tests see snapshots built, log purged and snapshots sent.
+pub const SNAPSHOT_EVERY: u64 = 20;
 pub const SECRET: &str = "integration-test-secret-0123456789";
 
 /// Ports that were free a moment ago (bound to port 0, then released).
@@ -90,7 +92,7 @@ impl TestCluster {
             ));
         }
         let xml = format!(
-            "<cluster>\n<rampart secret_file=\"{secret_file}\"/>\n<lans><lan name=\"default\">\n{nodes}</lan></lans>\n</cluster>\n"
+            "<cluster>\n<rampart secret_file=\"{secret_file}\" snapshot_every_entries=\"{SNAPSHOT_EVERY}\"/>\n<lans><lan name=\"default\">\n{nodes}</lan></lans>\n</cluster>\n"
         );
         let path = self.dir.path().join(file);
         std::fs::write(&path, xml).unwrap();
@@ -228,6 +230,19 @@ impl TestCluster {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The node's Prometheus text.
+    pub async fn metrics(&self, name: &str) -> String {
+        self.http
+            .get(self.url(name, "/metrics"))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn status(&self, name: &str) -> ClusterStatus {
         self.get(name, "/v1/cluster").await
     }
@@ -314,6 +329,15 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The value of a gauge in Prometheus text (0 when absent).
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// True when nothing listens on the port any more.
