@@ -75,6 +75,18 @@ pub enum Command {
     RevokeApiToken {
         name: String,
     },
+    /// Sets a register: a small cluster-wide value for operators' scripts, and the
+    /// object of the control plane's linearizability tests.
+    RegisterWrite {
+        key: String,
+        value: u64,
+    },
+    /// Sets a register to `new` only if it holds `expected` (`None`: absent).
+    RegisterCas {
+        key: String,
+        expected: Option<u64>,
+        new: u64,
+    },
 }
 
 impl Command {
@@ -94,6 +106,8 @@ impl Command {
             Command::ClearIntent { .. } => "clear_intent",
             Command::AddApiToken { .. } => "add_api_token",
             Command::RevokeApiToken { .. } => "revoke_api_token",
+            Command::RegisterWrite { .. } => "register_write",
+            Command::RegisterCas { .. } => "register_cas",
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct ClusterState {
     pub modules: BTreeMap<String, ModuleRecord>,
     /// API tokens by name; the value holds the blake3 hash of the token, never the token.
     pub api_tokens: BTreeMap<String, ApiToken>,
+    /// Registers by key (see [`Command::RegisterWrite`]).
+    pub registers: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +158,24 @@ impl ClusterState {
                 self.api_tokens
                     .remove(name)
                     .ok_or_else(|| format!("no token named '{name}'"))?;
+                Ok(())
+            }
+            Command::RegisterWrite { key, value } => {
+                check_name("register", key)?;
+                self.registers.insert(key.clone(), *value);
+                Ok(())
+            }
+            Command::RegisterCas { key, expected, new } => {
+                check_name("register", key)?;
+                let current = self.registers.get(key).copied();
+                if current != *expected {
+                    return Err(format!(
+                        "compare-and-set failed: register '{key}' holds {}, not {}",
+                        show_register(current),
+                        show_register(*expected)
+                    ));
+                }
+                self.registers.insert(key.clone(), *new);
                 Ok(())
             }
         }
@@ -360,6 +380,10 @@ impl ClusterState {
         }
         Ok(module)
     }
+}
+
+fn show_register(value: Option<u64>) -> String {
+    value.map_or("nothing".to_string(), |v| v.to_string())
 }
 
 /// Names are used in paths, XML and URLs: keep them to a safe alphabet.

@@ -5,20 +5,21 @@
 //!   the health checks.
 //! - [`json`]: the JSON body extractor whose rejections are [`error::ApiError`]s.
 //! - [`views`]: response and request bodies, shared with the CLI.
-//! - [`cluster`], [`tokens`]: the handlers.
+//! - [`cluster`], [`tokens`], [`registers`]: the handlers.
 
 mod auth;
 mod cluster;
 pub mod error;
 mod json;
 mod metrics;
+mod registers;
 mod tokens;
 pub mod views;
 
 use std::sync::Arc;
 
 use axum::middleware;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use rampart_raft::command::ApiRole;
 use tokio::net::TcpListener;
@@ -35,9 +36,17 @@ pub fn router(context: Context) -> Router {
         .route("/v1/nodes", get(cluster::nodes))
         .route("/v1/nodes/{name}", get(cluster::node))
         .route("/v1/modules", get(cluster::modules))
+        .route("/v1/registers/{key}", get(registers::read))
         .route("/metrics", get(metrics::prometheus))
         .route_layer(middleware::from_fn_with_state(
             (context.clone(), ApiRole::Monitor),
+            auth::require,
+        ));
+    let control = Router::new()
+        .route("/v1/registers/{key}", put(registers::write))
+        .route("/v1/registers/{key}/cas", post(registers::cas))
+        .route_layer(middleware::from_fn_with_state(
+            (context.clone(), ApiRole::Control),
             auth::require,
         ));
     let admin = Router::new()
@@ -54,6 +63,7 @@ pub fn router(context: Context) -> Router {
     Router::new()
         .route("/health", get(cluster::health))
         .merge(monitor)
+        .merge(control)
         .merge(admin)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(context)

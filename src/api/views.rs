@@ -96,3 +96,21 @@ pub struct CreatedToken {
 pub struct Committed {
     pub log_index: u64,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterValue {
+    pub key: String,
+    /// `None` when the register was never written.
+    pub value: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterWrite {
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterCas {
+    pub expected: Option<u64>,
+    pub new: u64,
+}

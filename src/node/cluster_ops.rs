@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::ChangeMembers;
 use rampart_raft::command::NodeRecord;
 use rampart_raft::transport::{
@@ -92,6 +92,25 @@ impl NodeContext {
         };
         self.route(op, Some(seed.to_string())).await?;
         Ok(())
+    }
+
+    /// Reads a register as of now: the leader confirms it still leads (a round of
+    /// heartbeats) and has applied everything committed before answering.
+    pub async fn read_register(&self, key: &str) -> Result<Option<u64>, ClusterError> {
+        match self
+            .route(
+                LeaderOp::ReadRegister {
+                    key: key.to_string(),
+                },
+                None,
+            )
+            .await?
+        {
+            LeaderReply::Register(value) => Ok(value),
+            other => Err(ClusterError::Failed(format!(
+                "unexpected reply to a read: {other:?}"
+            ))),
+        }
     }
 
     /// Removes the named node from the cluster (this node, for `leave`).
@@ -184,6 +203,18 @@ impl NodeContext {
                 .leader_remove(id)
                 .await
                 .map(|()| LeaderReply::MembershipChanged),
+            LeaderOp::ReadRegister { key } => {
+                self.raft.ensure_linearizable().await.map_err(|e| match e {
+                    RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)) => {
+                        LeaderError::NotLeader {
+                            leader: forward.leader_node,
+                        }
+                    }
+                    other => LeaderError::Failed(format!("cannot confirm leadership: {other}")),
+                })?;
+                let value = self.view.read(|s| s.cluster.registers.get(&key).copied());
+                Ok(LeaderReply::Register(value))
+            }
         }
     }
 

@@ -121,12 +121,33 @@ pub async fn run(config: ClusterConfig, name: Option<&str>) -> anyhow::Result<()
     let node = start(config, name).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
-    }
+    let mut metrics = node.context.raft.metrics();
+    // Raft stops for good on a storage error (a full disk, say): exit, so that the
+    // supervisor restarts the node once the cause is fixed, rather than linger as a
+    // node that answers but never takes part.
+    let raft_failed = async {
+        loop {
+            if let Err(fatal) = &metrics.borrow().running_state {
+                return fatal.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "Raft stopped".to_string();
+            }
+        }
+    };
+    let failure = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM: stopping"); None }
+        _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); None }
+        reason = raft_failed => Some(reason),
+    };
     node.stop().await;
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(reason) => {
+            tracing::error!(%reason, "Raft stopped on an unrecoverable error; exiting");
+            bail!("Raft stopped: {reason}")
+        }
+    }
 }
 
 /// Records which node owns a data directory, and refuses to start another node on it:

@@ -174,6 +174,20 @@ fn names_that_could_escape_a_path_are_refused() {
     }
 }
 
+#[test]
+fn compare_and_set_only_changes_an_expected_value() {
+    let mut state = ClusterState::default();
+    let cas = |expected, new| Command::RegisterCas {
+        key: "r".into(),
+        expected,
+        new,
+    };
+    assert_eq!(state.apply(&cas(None, 1)), CommandResponse::Applied);
+    assert!(rejected(state.apply(&cas(None, 2))).contains("holds 1, not nothing"));
+    assert_eq!(state.apply(&cas(Some(1), 3)), CommandResponse::Applied);
+    assert_eq!(state.registers["r"], 3);
+}
+
 // ---- Property tests: determinism and snapshot round trips --------------------------
 
 const NAMES: [&str; 4] = ["n1", "n2", "n3", "n4"];

@@ -29,12 +29,15 @@ pub enum LeaderOp {
     Join { record: NodeRecord, info: NodeInfo },
     /// Remove a member from the voters and forget its record.
     Remove { id: NodeId },
+    /// Read a register after confirming leadership (a linearizable read).
+    ReadRegister { key: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeaderReply {
     Written(WriteReceipt),
     MembershipChanged,
+    Register(Option<u64>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,0 +1,182 @@
+//! One run: testbed up, cluster formed, workload + observer + nemesis for `time`,
+//! heal, final reads, check, report, teardown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::Value;
+
+use crate::checker::{self, Verdict};
+use crate::history::History;
+use crate::nemesis::{self, NemesisKind};
+use crate::report;
+use crate::testbed::{find_rampart_bin, Testbed, TestbedConfig};
+use crate::workload::observer::observe;
+use crate::workload::register::{RegisterClient, KEYS};
+
+pub struct RunConfig {
+    pub workload: String,
+    pub nemeses: Vec<NemesisKind>,
+    pub time: Duration,
+    pub seed: u64,
+    pub servers: usize,
+    pub clients: usize,
+    /// Reports go to `<out>/<workload>-seed<seed>-<prefix>/`.
+    pub out: PathBuf,
+}
+
+pub struct RunOutcome {
+    pub valid: bool,
+    pub report_dir: PathBuf,
+    pub summary: String,
+    pub verdicts: Vec<Verdict>,
+}
+
+/// How long the cluster gets to recover after the last fault is healed, before the
+/// final reads.
+const RECOVERY: Duration = Duration::from_secs(3);
+
+pub async fn run(config: RunConfig, on_prefix: impl FnOnce(&str)) -> anyhow::Result<RunOutcome> {
+    if config.workload != "register" {
+        bail!(
+            "unknown workload '{}': 'register' runs on the Raft cluster state; the 'set' workload needs the mirror module",
+            config.workload
+        );
+    }
+    if config.servers < 3 {
+        bail!("a run needs at least 3 servers to keep a majority through faults");
+    }
+    let testbed = Arc::new(Testbed::create(TestbedConfig {
+        servers: config.servers,
+        clients: 1,
+        rampart_bin: find_rampart_bin()?,
+        disk_mib: 64,
+    })?);
+    on_prefix(&testbed.prefix);
+    let report_dir = config.out.join(format!(
+        "{}-seed{}-{}",
+        config.workload, config.seed, testbed.prefix
+    ));
+    let http = reqwest::Client::builder()
+        .build()
+        .context("an HTTP client")?;
+    let token = testbed.admin_token();
+
+    // Form the cluster.
+    for server in &testbed.servers {
+        testbed.start_node(&server.host.name)?;
+    }
+    testbed
+        .wait_for_apis(&http, Duration::from_secs(20))
+        .await?;
+    let init = http
+        .post(format!(
+            "http://{}/v1/cluster/init",
+            testbed.servers[0].api_addr()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    if !init.status().is_success() {
+        bail!(
+            "cluster init failed: {}",
+            init.text().await.unwrap_or_default()
+        );
+    }
+
+    let history = Arc::new(History::new());
+    let workload_end = tokio::time::Instant::now() + config.time;
+    let observer_end = workload_end + RECOVERY + Duration::from_secs(5);
+    let observer = tokio::spawn(observe(
+        testbed.clone(),
+        history.clone(),
+        http.clone(),
+        token.clone(),
+        observer_end,
+    ));
+    let nemesis = tokio::spawn(nemesis::run_schedule(
+        testbed.clone(),
+        config.nemeses.clone(),
+        StdRng::seed_from_u64(config.seed),
+        history.clone(),
+        config.time,
+    ));
+    let client = |id: u64| RegisterClient {
+        id,
+        clients: config.clients as u64,
+        testbed: testbed.clone(),
+        history: history.clone(),
+        http: http.clone(),
+        token: token.clone(),
+    };
+    let mut clients = Vec::new();
+    for id in 0..config.clients as u64 {
+        clients.push(tokio::spawn(client(id).run(config.seed, workload_end)));
+    }
+    for task in clients {
+        task.await?;
+    }
+    let nemesis_result = nemesis.await?;
+    nemesis::heal_network(&testbed);
+    nemesis_result.context("applying a fault")?;
+
+    // Final reads, once healed: every key through a node that answers.
+    tokio::time::sleep(RECOVERY).await;
+    let reader = client(config.clients as u64 * 1000);
+    for key in KEYS {
+        let mut read = false;
+        for attempt in 0..20 {
+            let server = testbed.servers[attempt % testbed.servers.len()].api_addr();
+            let process = reader.id + attempt as u64 + 1000 * key.len() as u64;
+            reader
+                .invoke(&server, process, "read", key, Value::Null)
+                .await;
+            if history_has_ok_read(&history, process) {
+                read = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if !read {
+            tracing::warn!(key, "no final read succeeded: the cluster did not recover");
+        }
+    }
+    observer.await?;
+
+    let entries = history.entries();
+    let verdicts: Vec<Verdict> = checker::for_run(&config.workload)
+        .iter()
+        .map(|c| c.check(&entries))
+        .collect();
+    let valid = verdicts.iter().all(|v| v.valid);
+    let title = format!(
+        "rampart-jepsen {} · nemesis {} · {} s · seed {} · {}",
+        config.workload,
+        if config.nemeses.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{:?}", config.nemeses).to_lowercase()
+        },
+        config.time.as_secs(),
+        config.seed,
+        testbed.prefix
+    );
+    let summary = report::write(&report_dir, &title, &entries, &verdicts)?;
+    testbed.save_logs(&report_dir);
+    Ok(RunOutcome {
+        valid,
+        report_dir,
+        summary,
+        verdicts,
+    })
+}
+
+fn history_has_ok_read(history: &History, process: u64) -> bool {
+    history.entries().iter().rev().any(|e| {
+        matches!(e, crate::history::Entry::Op(op) if op.process == process && op.kind == crate::history::OpKind::Ok)
+    })
+}

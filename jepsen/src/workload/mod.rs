@@ -1,0 +1,5 @@
+//! Clients that generate a history against the testbed, and the observer that records
+//! each node's Raft role.
+
+pub mod observer;
+pub mod register;
