@@ -66,27 +66,7 @@ pub async fn run(config: RunConfig, on_prefix: impl FnOnce(&str)) -> anyhow::Res
         .context("an HTTP client")?;
     let token = testbed.admin_token();
 
-    // Form the cluster.
-    for server in &testbed.servers {
-        testbed.start_node(&server.host.name)?;
-    }
-    testbed
-        .wait_for_apis(&http, Duration::from_secs(20))
-        .await?;
-    let init = http
-        .post(format!(
-            "http://{}/v1/cluster/init",
-            testbed.servers[0].api_addr()
-        ))
-        .bearer_auth(&token)
-        .send()
-        .await?;
-    if !init.status().is_success() {
-        bail!(
-            "cluster init failed: {}",
-            init.text().await.unwrap_or_default()
-        );
-    }
+    testbed.form_cluster(&http).await?;
 
     let history = Arc::new(History::new());
     let workload_end = tokio::time::Instant::now() + config.time;

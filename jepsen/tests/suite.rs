@@ -31,9 +31,16 @@ async fn raft_control_plane_stays_linearizable_under_every_nemesis() {
             clients: 4,
             out: out.clone(),
         };
-        let outcome = run(config, |prefix| eprintln!("seed {seed}: testbed {prefix}"))
+        let mut prefix = String::new();
+        let outcome = run(config, |p| prefix = p.to_string())
             .await
             .expect("the run completes");
+        // The testbed is gone once the run returns: no namespace, link, mount, folder.
+        assert_eq!(
+            sweep::leftovers(&prefix),
+            Vec::<String>::new(),
+            "seed {seed}"
+        );
         eprintln!("{}", outcome.summary);
         // The history must hold enough to judge: successful operations and faults.
         let ops = outcome
@@ -96,4 +103,47 @@ fn node_processes(prefix: &str) -> usize {
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&needle))
         .count()
+}
+
+/// The testbed as other crates' tests use it: form a cluster, read a node's API, run
+/// a command in a client host, stop a node gracefully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_testbed_serves_as_a_library() {
+    use rampart::api::views::ClusterStatus;
+    use rampart_jepsen::testbed::{find_rampart_bin, Testbed, TestbedConfig};
+
+    let testbed = Testbed::create(TestbedConfig {
+        servers: 3,
+        clients: 1,
+        rampart_bin: find_rampart_bin().unwrap(),
+        disk_mib: 32,
+    })
+    .unwrap();
+    let http = reqwest::Client::new();
+    testbed.form_cluster(&http).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let status: ClusterStatus = testbed.api_get(&http, "n2", "/v1/cluster").await.unwrap();
+        if status.leader.is_some() && status.members.len() == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no leader: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = &testbed.clients[0];
+    let addresses = testbed
+        .exec(&client.ns, &["ip", "-o", "-4", "addr", "show", "eth0"])
+        .unwrap();
+    assert!(addresses.contains(&client.addr.to_string()), "{addresses}");
+    assert!(
+        testbed.stop_node("n3", Duration::from_secs(10)),
+        "n3 did not exit cleanly"
+    );
+    assert!(!testbed.is_running("n3"));
+    let prefix = testbed.prefix.clone();
+    drop(testbed);
+    assert_eq!(sweep::leftovers(&prefix), Vec::<String>::new());
 }

@@ -42,7 +42,6 @@ fn step(state: Option<u64>, call: Call) -> Option<Option<u64>> {
     }
 }
 
-#[derive(Default)]
 pub struct LinearizableRegister;
 
 fn parse_call(f: &str, invoke: &Value, result: Option<&Value>) -> Option<Call> {

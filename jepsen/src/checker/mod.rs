@@ -35,7 +35,7 @@ pub fn for_run(workload: &str) -> Vec<Box<dyn Checker>> {
         Box::new(single_prim::SinglePrim),
     ];
     match workload {
-        "register" => checkers.push(Box::new(linearizable::LinearizableRegister::default())),
+        "register" => checkers.push(Box::new(linearizable::LinearizableRegister)),
         "set" => checkers.push(Box::new(set::SetChecker)),
         _ => {}
     }

@@ -262,6 +262,73 @@ impl Testbed {
         }
     }
 
+    /// SIGTERM, then waits up to `timeout` for a clean exit; returns whether it exited
+    /// with status 0 (a node that does not exit in time is killed).
+    pub fn stop_node(&self, name: &str, timeout: Duration) -> bool {
+        let Some(mut child) = self.processes.lock().expect("not poisoned").remove(name) else {
+            return false;
+        };
+        signal(child.id() as i32, libc::SIGTERM);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if std::time::Instant::now() > deadline {
+                self.kill_node(name);
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GET `path` on the node's admin API with the admin token, as JSON.
+    pub async fn api_get<T: serde::de::DeserializeOwned>(
+        &self,
+        http: &reqwest::Client,
+        name: &str,
+        path: &str,
+    ) -> anyhow::Result<T> {
+        let url = format!("http://{}{path}", self.server(name).api_addr());
+        let response = http
+            .get(&url)
+            .bearer_auth(self.admin_token())
+            .send()
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!(
+                "GET {url}: {status}: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+        Ok(response.json().await?)
+    }
+
+    /// Starts every node, waits for their APIs and initializes the cluster.
+    pub async fn form_cluster(&self, http: &reqwest::Client) -> anyhow::Result<()> {
+        for server in &self.servers {
+            self.start_node(&server.host.name)?;
+        }
+        self.wait_for_apis(http, Duration::from_secs(20)).await?;
+        let init = http
+            .post(format!(
+                "http://{}/v1/cluster/init",
+                self.servers[0].api_addr()
+            ))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await?;
+        if !init.status().is_success() {
+            bail!(
+                "cluster init failed: {}",
+                init.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
     /// SIGSTOP (`pause`) or SIGCONT every process of the node.
     pub fn pause_node(&self, name: &str, pause: bool) {
         let sig = if pause { libc::SIGSTOP } else { libc::SIGCONT };

@@ -11,6 +11,9 @@ use crate::testbed::Testbed;
 
 const POLL_EVERY: Duration = Duration::from_millis(200);
 
+/// What a node said last: Raft state, term, leader (all `None`: no answer).
+type Seen = (Option<String>, Option<u64>, Option<String>);
+
 pub async fn observe(
     testbed: Arc<Testbed>,
     history: Arc<History>,
@@ -18,7 +21,7 @@ pub async fn observe(
     token: String,
     until: tokio::time::Instant,
 ) {
-    let mut last: BTreeMap<String, (Option<String>, Option<u64>, Option<String>)> = BTreeMap::new();
+    let mut last: BTreeMap<String, Seen> = BTreeMap::new();
     while tokio::time::Instant::now() < until {
         for server in &testbed.servers {
             let url = format!("http://{}/v1/cluster", server.api_addr());
