@@ -7,6 +7,16 @@ use std::process::Command;
 use serde_json::{json, Value};
 use support::{TestCluster, BIN};
 
+async fn get_as(cluster: &TestCluster, token: &str, path: &str) -> reqwest::Response {
+    cluster
+        .http
+        .get(cluster.url("n1", path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn single_node_cluster() -> TestCluster {
     let mut cluster = TestCluster::new(1);
     let config = cluster.write_config("cluster.xml", 1, "secret");
@@ -35,12 +45,7 @@ async fn bad_tokens_roles_and_payloads_get_clear_errors() {
         body["message"].as_str().unwrap().contains("Bearer"),
         "{body}"
     );
-    let response = http
-        .get(url("/v1/cluster"))
-        .bearer_auth("not-a-token")
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(&cluster, "not-a-token", "/v1/cluster").await;
     assert_eq!(response.status(), 401);
 
     // A monitor token reads but cannot administer.
@@ -53,19 +58,9 @@ async fn bad_tokens_roles_and_payloads_get_clear_errors() {
         .await;
     assert_eq!(code, 200, "{created}");
     let monitor = created["token"].as_str().unwrap().to_string();
-    let response = http
-        .get(url("/v1/cluster"))
-        .bearer_auth(&monitor)
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(&cluster, &monitor, "/v1/cluster").await;
     assert_eq!(response.status(), 200);
-    let response = http
-        .get(url("/metrics"))
-        .bearer_auth(&monitor)
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(&cluster, &monitor, "/metrics").await;
     assert!(response
         .text()
         .await
@@ -125,19 +120,9 @@ async fn bad_tokens_roles_and_payloads_get_clear_errors() {
 
     // Revoked tokens stop working; unknown endpoints answer JSON 404.
     assert_eq!(cluster.delete("n1", "/v1/tokens/grafana").await.0, 200);
-    let response = http
-        .get(url("/v1/cluster"))
-        .bearer_auth(&monitor)
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(&cluster, &monitor, "/v1/cluster").await;
     assert_eq!(response.status(), 401);
-    let response = http
-        .get(url("/v1/nope"))
-        .bearer_auth(cluster.admin_token())
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(&cluster, &cluster.admin_token(), "/v1/nope").await;
     assert_eq!(response.status(), 404);
     assert_eq!(
         response.json::<Value>().await.unwrap()["error"],

@@ -15,4 +15,4 @@ pub mod types;
 
 pub use command::{Command, CommandResponse};
 pub use state::ClusterState;
-pub use types::{node_id_for_name, NodeId, NodeInfo, Raft, TypeConfig};
+pub use types::{node_id_for_name, validate_name, NodeId, NodeInfo, Raft, TypeConfig};

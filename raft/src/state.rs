@@ -12,7 +12,7 @@ use crate::command::{
     ApiRole, Command, CommandResponse, FarmAssignment, MirrorAssignment, ModuleKind, NodeAdmin,
     NodeRecord, OperatorIntent, FARM_BUCKETS,
 };
-use crate::types::{node_id_for_name, NodeId};
+use crate::types::{node_id_for_name, validate_name, NodeId};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -138,7 +138,7 @@ impl ClusterState {
                 role,
                 token_hash,
             } => {
-                check_name("token", name)?;
+                validate_name("token", name)?;
                 if token_hash.len() != 64 || !token_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err("token hash must be 64 hex digits (blake3)".into());
                 }
@@ -161,12 +161,12 @@ impl ClusterState {
                 Ok(())
             }
             Command::RegisterWrite { key, value } => {
-                check_name("register", key)?;
+                validate_name("register", key)?;
                 self.registers.insert(key.clone(), *value);
                 Ok(())
             }
             Command::RegisterCas { key, expected, new } => {
-                check_name("register", key)?;
+                validate_name("register", key)?;
                 let current = self.registers.get(key).copied();
                 if current != *expected {
                     return Err(format!(
@@ -182,7 +182,7 @@ impl ClusterState {
     }
 
     fn upsert_node(&mut self, record: &NodeRecord) -> Result<(), Refusal> {
-        check_name("node", &record.name)?;
+        validate_name("node", &record.name)?;
         if record.id != node_id_for_name(&record.name) {
             return Err(format!(
                 "node id {} does not belong to name '{}'",
@@ -236,7 +236,7 @@ impl ClusterState {
         digest: &str,
         package: &[u8],
     ) -> Result<(), Refusal> {
-        check_name("module", name)?;
+        validate_name("module", name)?;
         let actual = blake3::hash(package).to_hex();
         if actual.as_str() != digest {
             return Err(format!(
@@ -338,7 +338,7 @@ impl ClusterState {
         request_id: &str,
         intent: &OperatorIntent,
     ) -> Result<(), Refusal> {
-        check_name("request id", request_id)?;
+        validate_name("request id", request_id)?;
         match intent {
             OperatorIntent::Prim { node, .. }
             | OperatorIntent::Second { node, .. }
@@ -384,23 +384,6 @@ impl ClusterState {
 
 fn show_register(value: Option<u64>) -> String {
     value.map_or("nothing".to_string(), |v| v.to_string())
-}
-
-/// Names are used in paths, XML and URLs: keep them to a safe alphabet.
-fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !name.starts_with('.');
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid {what} name '{name}': use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
-        ))
-    }
 }
 
 #[cfg(test)]

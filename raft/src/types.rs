@@ -63,6 +63,25 @@ pub fn node_id_for_name(name: &str) -> NodeId {
     u64::from_le_bytes(first) & ((1u64 << 53) - 1)
 }
 
+/// Checks a name of a node, module, token or register. Names end up in paths, XML
+/// and URLs: 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'.
+/// `what` names the kind of thing in the error.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {what} name '{name}': use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,12 @@
 use axum::extract::{Path, State};
 use axum::Json;
 use rampart_raft::Command;
-use rand::RngCore;
 
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::views::{Committed, CreatedToken, NewToken, TokenSummary};
 use super::Context;
-use crate::node::context::token_hash;
+use crate::node::context::{random_hex, token_hash};
 
 pub async fn list(State(context): State<Context>) -> Json<Vec<TokenSummary>> {
     Json(context.view.read(|s| {
@@ -29,9 +28,7 @@ pub async fn add(
     State(context): State<Context>,
     ApiJson(request): ApiJson<NewToken>,
 ) -> Result<Json<CreatedToken>, ApiError> {
-    let mut bytes = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = random_hex(24);
     context
         .write(Command::AddApiToken {
             name: request.name.clone(),

@@ -207,12 +207,9 @@ fn api_client(cli: &Cli) -> anyhow::Result<ApiClient> {
 
 /// Writes 32 random bytes, hex-encoded, readable by root only.
 pub fn write_secret(path: &std::path::Path) -> anyhow::Result<()> {
-    use rand::RngCore;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut bytes = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::node::context::random_hex(32);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rampart_raft::command::{LanAddress, NodeAdmin, NodeRecord, NodeRole};
-use rampart_raft::{node_id_for_name, NodeId, NodeInfo};
+use rampart_raft::{node_id_for_name, validate_name, NodeId, NodeInfo};
 
 use super::xml::{self, ConfigError, Element};
 
@@ -281,7 +281,7 @@ impl ClusterConfig {
                         ],
                         &[],
                     )?;
-                    check_node_name(node, &name)?;
+                    validate_name("node", &name).map_err(|e| node.error(e))?;
                     nodes.push(NodeConfig {
                         id: node_id_for_name(&name),
                         name,
@@ -410,22 +410,6 @@ fn port(element: &Element, name: &str) -> Result<Option<u16>, ConfigError> {
         )));
     }
     Ok(port)
-}
-
-fn check_node_name(element: &Element, name: &str) -> Result<(), ConfigError> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if valid {
-        Ok(())
-    } else {
-        Err(element.error(format!(
-            "node name '{name}' is invalid: use 1 to 64 letters, digits, '-', '_' or '.'"
-        )))
-    }
 }
 
 /// Two nodes, or one node's two services, must not share an address and port.

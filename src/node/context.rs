@@ -34,6 +34,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `len` random bytes, hex-encoded: for new secrets and tokens.
+pub fn random_hex(len: usize) -> String {
+    use rand::RngCore;
+    let mut bytes = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex(&bytes)
+}
+
 impl NodeContext {
     pub fn new(
         config: ClusterConfig,

@@ -206,22 +206,17 @@ impl TestCluster {
 
     /// POST with the admin token; returns the status code and JSON body.
     pub async fn post(&self, name: &str, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(self.url(name, path))
-            .bearer_auth(self.admin_token())
-            .json(&body)
-            .send()
+        self.answer(self.http.post(self.url(name, path)).json(&body))
             .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// DELETE with the admin token; returns the status code and JSON body.
     pub async fn delete(&self, name: &str, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .delete(self.url(name, path))
+        self.answer(self.http.delete(self.url(name, path))).await
+    }
+
+    async fn answer(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request
             .bearer_auth(self.admin_token())
             .send()
             .await

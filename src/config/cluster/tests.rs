@@ -120,7 +120,7 @@ fn invalid_files_are_rejected_with_position_and_reason() {
             "<cluster><lans><lan name=\"x\">\n <node name=\"../etc\" addr=\"1.2.3.4\"/></lan></lans></cluster>",
             2,
             2,
-            "is invalid",
+            "invalid node name",
         ),
     ];
     for (text, line, column, fragment) in cases {
