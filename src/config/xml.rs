@@ -49,6 +49,10 @@ pub struct Element {
     pub name: String,
     pub attributes: Vec<Attribute>,
     pub children: Vec<Element>,
+    /// Text and CDATA content, trimmed; refused by [`Element::check_children`] unless
+    /// the element's reader takes it (SafeKit's `<failover>` rules, say).
+    pub text: String,
+    pub text_pos: Option<Pos>,
     pub pos: Pos,
     /// The file this element came from, for error messages.
     pub file: String,
@@ -79,6 +83,7 @@ pub fn parse(file: &str, text: &str) -> Result<Element, ConfigError> {
         pos: Some(pos_at(text, offset)),
         message,
     };
+    let text_source = text;
     let mut reader = Reader::from_str(text);
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
@@ -117,6 +122,8 @@ pub fn parse(file: &str, text: &str) -> Result<Element, ConfigError> {
                     name,
                     attributes,
                     children: Vec::new(),
+                    text: String::new(),
+                    text_pos: None,
                     pos: pos_at(text, start),
                     file: file.to_string(),
                 };
@@ -132,18 +139,17 @@ pub fn parse(file: &str, text: &str) -> Result<Element, ConfigError> {
                 attach(&mut stack, &mut root, element);
             }
             Event::Text(ref t) => {
-                let raw = String::from_utf8_lossy(t.as_ref());
-                if !raw.trim().is_empty() {
-                    let inside = stack
-                        .last()
-                        .map_or("the document".to_string(), |e| format!("<{}>", e.name));
-                    return Err(error(
-                        start,
-                        format!("unexpected text '{}' in {inside}", raw.trim()),
-                    ));
-                }
+                let text = t
+                    .unescape()
+                    .map_err(|e| error(start, format!("bad text: {e}")))?;
+                keep_text(&mut stack, &text, pos_at(text_source, start))
+                    .map_err(|message| error(start, message))?;
             }
-            Event::CData(_) => return Err(error(start, "unexpected CDATA section".into())),
+            Event::CData(ref data) => {
+                let text = String::from_utf8_lossy(data.as_ref()).into_owned();
+                keep_text(&mut stack, &text, pos_at(text_source, start))
+                    .map_err(|message| error(start, message))?;
+            }
             Event::Eof => break,
             Event::Comment(_) | Event::Decl(_) | Event::PI(_) | Event::DocType(_) => {}
         }
@@ -160,6 +166,26 @@ pub fn parse(file: &str, text: &str) -> Result<Element, ConfigError> {
         pos: None,
         message: "no root element: the file is empty".into(),
     })
+}
+
+/// Adds non-blank text to the innermost open element; text outside the root is an
+/// error.
+fn keep_text(stack: &mut [Element], text: &str, pos: Pos) -> Result<(), String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Ok(());
+    }
+    let Some(element) = stack.last_mut() else {
+        return Err(format!(
+            "unexpected text '{trimmed}' outside the root element"
+        ));
+    };
+    if !element.text.is_empty() {
+        element.text.push('\n');
+    }
+    element.text.push_str(trimmed);
+    element.text_pos.get_or_insert(pos);
+    Ok(())
 }
 
 fn attach(stack: &mut [Element], root: &mut Option<Element>, element: Element) {
@@ -245,8 +271,15 @@ impl Element {
         Ok(warnings)
     }
 
-    /// Refuses child elements not in `known`.
+    /// Refuses child elements not in `known`, and any text.
     pub fn check_children(&self, known: &[&str]) -> Result<(), ConfigError> {
+        if !self.text.is_empty() {
+            return Err(ConfigError {
+                file: self.file.clone(),
+                pos: self.text_pos.or(Some(self.pos)),
+                message: format!("unexpected text '{}' in <{}>", self.text, self.name),
+            });
+        }
         for child in &self.children {
             if !known.contains(&child.name.as_str()) {
                 return Err(child.error(format!(
@@ -273,8 +306,8 @@ impl Element {
     }
 
     /// The only child named `name`, if any; two of them is an error.
-    pub fn single_child<'a>(&'a self, name: &'a str) -> Result<Option<&'a Element>, ConfigError> {
-        let mut found = self.children_named(name);
+    pub fn single_child(&self, name: &str) -> Result<Option<&Element>, ConfigError> {
+        let mut found = self.children.iter().filter(|c| c.name == name);
         let first = found.next();
         if let Some(second) = found.next() {
             return Err(second.error(format!("<{name}> may appear only once in <{}>", self.name)));
@@ -309,10 +342,23 @@ mod tests {
     fn unclosed_element_and_stray_text_are_errors() {
         let error = parse("t.xml", "<a>\n<b>").unwrap_err();
         assert!(error.to_string().starts_with("t.xml:"), "{error}");
-        let error = parse("t.xml", "<a>\n  hello\n</a>").unwrap_err();
-        assert!(error.message.contains("unexpected text 'hello'"), "{error}");
+        let root = parse("t.xml", "<a>\n  hello\n</a>").unwrap();
+        let error = root.check_children(&[]).unwrap_err();
+        assert!(
+            error.message.contains("unexpected text 'hello' in <a>"),
+            "{error}"
+        );
+        assert_eq!(error.pos, Some(Pos { line: 1, column: 4 }));
+        let error = parse("t.xml", "<a/>\nafter").unwrap_err();
+        assert!(error.message.contains("outside the root"), "{error}");
         let error = parse("t.xml", "  ").unwrap_err();
         assert!(error.message.contains("empty"), "{error}");
+    }
+
+    #[test]
+    fn text_and_cdata_are_kept_for_elements_that_take_them() {
+        let root = parse("t.xml", "<a><![CDATA[x < y]]>\n and &amp; more</a>").unwrap();
+        assert_eq!(root.text, "x < y\nand & more");
     }
 
     #[test]
