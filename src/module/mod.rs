@@ -4,6 +4,10 @@
 //! - [`userconfig`]: the module's configuration, SafeKit's element and attribute
 //!   names, validated with file, line and element in every error.
 //! - [`duration`]: times with units, and SafeKit's legacy unit-less values.
+//! - [`log`]: the module log (JSON lines; verbose entries hold script output).
+//! - [`scripts`]: running the module's scripts with arguments, environment, timeouts.
 
 pub mod duration;
+pub mod log;
+pub mod scripts;
 pub mod userconfig;
