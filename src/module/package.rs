@@ -105,7 +105,7 @@ impl Package {
                 path: raw.clone(),
                 reason: reason.to_string(),
             };
-            let parts = safe_parts(&raw).map_err(|reason| entry_error(reason))?;
+            let parts = safe_parts(&raw).map_err(&entry_error)?;
             let top = parts[0].clone();
             match &name {
                 None => {
