@@ -35,11 +35,17 @@ pub enum Command {
     UninstallModule {
         name: String,
     },
-    /// Sets the module's operator switches; `None` leaves a switch as it is.
-    SetModuleAdmin {
+    /// Turns automatic failover of the module on or off.
+    SetModuleFailover {
         name: String,
-        started: Option<bool>,
-        failover: Option<bool>,
+        failover: bool,
+    },
+    /// Starts or stops the module on one node (SafeKit's per-node start/stop). A light
+    /// module runs on one node at a time: starting it on a second node is refused.
+    SetModuleStarted {
+        name: String,
+        node: NodeId,
+        started: bool,
     },
     SetModuleNodeEnabled {
         name: String,
@@ -98,7 +104,8 @@ impl Command {
             Command::SetNodeAdmin { .. } => "set_node_admin",
             Command::InstallModule { .. } => "install_module",
             Command::UninstallModule { .. } => "uninstall_module",
-            Command::SetModuleAdmin { .. } => "set_module_admin",
+            Command::SetModuleFailover { .. } => "set_module_failover",
+            Command::SetModuleStarted { .. } => "set_module_started",
             Command::SetModuleNodeEnabled { .. } => "set_module_node_enabled",
             Command::AssignMirror { .. } => "assign_mirror",
             Command::AssignFarm { .. } => "assign_farm",

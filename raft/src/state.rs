@@ -31,7 +31,11 @@ pub struct ModuleRecord {
     /// blake3 of `package`, hex.
     pub digest: String,
     pub package: Vec<u8>,
-    pub started: bool,
+    /// Nodes on which the operator started the module.
+    pub started_on: BTreeSet<NodeId>,
+    /// Earlier packages, newest first; with the current one, the last
+    /// [`KEPT_PACKAGES`] configurations.
+    pub previous: Vec<PackageVersion>,
     pub failover: bool,
     /// Nodes on which the operator disabled this module.
     pub disabled_nodes: BTreeSet<NodeId>,
@@ -41,6 +45,15 @@ pub struct ModuleRecord {
     pub farm: Option<FarmAssignment>,
     /// Operator requests not yet carried out, by request id.
     pub intents: BTreeMap<String, OperatorIntent>,
+}
+
+/// How many package versions of a module the state keeps (current included).
+pub const KEPT_PACKAGES: usize = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageVersion {
+    pub digest: String,
+    pub package: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,20 +104,15 @@ impl ClusterState {
                     .ok_or_else(|| format!("no module '{name}'"))?;
                 Ok(())
             }
-            Command::SetModuleAdmin {
-                name,
-                started,
-                failover,
-            } => {
-                let module = self.module_mut(name)?;
-                if let Some(started) = started {
-                    module.started = *started;
-                }
-                if let Some(failover) = failover {
-                    module.failover = *failover;
-                }
+            Command::SetModuleFailover { name, failover } => {
+                self.module_mut(name)?.failover = *failover;
                 Ok(())
             }
+            Command::SetModuleStarted {
+                name,
+                node,
+                started,
+            } => self.set_module_started(name, *node, *started),
             Command::SetModuleNodeEnabled {
                 name,
                 node,
@@ -216,6 +224,7 @@ impl ClusterState {
         }
         for module in self.modules.values_mut() {
             module.disabled_nodes.remove(&id);
+            module.started_on.remove(&id);
         }
         self.nodes.remove(&id);
         Ok(())
@@ -248,9 +257,14 @@ impl ClusterState {
                 "module '{name}' is a {:?} module; uninstall it before installing a {kind:?} module",
                 module.kind
             )),
+            Some(module) if module.digest == digest => Ok(()),
             Some(module) => {
-                module.digest = digest.to_string();
-                module.package = package.to_vec();
+                let replaced = PackageVersion {
+                    digest: std::mem::replace(&mut module.digest, digest.to_string()),
+                    package: std::mem::replace(&mut module.package, package.to_vec()),
+                };
+                module.previous.insert(0, replaced);
+                module.previous.truncate(KEPT_PACKAGES - 1);
                 Ok(())
             }
             None => {
@@ -261,7 +275,8 @@ impl ClusterState {
                         kind,
                         digest: digest.to_string(),
                         package: package.to_vec(),
-                        started: false,
+                        started_on: BTreeSet::new(),
+                        previous: Vec::new(),
                         failover: true,
                         disabled_nodes: BTreeSet::new(),
                         mirror: None,
@@ -272,6 +287,32 @@ impl ClusterState {
                 Ok(())
             }
         }
+    }
+
+    fn set_module_started(
+        &mut self,
+        name: &str,
+        node: NodeId,
+        started: bool,
+    ) -> Result<(), Refusal> {
+        let node_name = self.known_node(node)?.name.clone();
+        let module = self.module_mut(name)?;
+        if !started {
+            module.started_on.remove(&node);
+            return Ok(());
+        }
+        if module.disabled_nodes.contains(&node) {
+            return Err(format!("module '{name}' is disabled on node '{node_name}'"));
+        }
+        if module.kind == ModuleKind::Light {
+            if let Some(other) = module.started_on.iter().find(|n| **n != node) {
+                return Err(format!(
+                    "light module '{name}' already runs on node {other}; stop it there first"
+                ));
+            }
+        }
+        module.started_on.insert(node);
+        Ok(())
     }
 
     fn assign_mirror(&mut self, name: &str, next: &MirrorAssignment) -> Result<(), Refusal> {

@@ -112,7 +112,16 @@ pub async fn modules(State(context): State<Context>) -> Json<Vec<ModuleSummary>>
                 name: m.name.clone(),
                 kind: m.kind,
                 digest: m.digest.clone(),
-                started: m.started,
+                started_on: m
+                    .started_on
+                    .iter()
+                    .map(|id| {
+                        s.cluster
+                            .nodes
+                            .get(id)
+                            .map_or(id.to_string(), |n| n.name.clone())
+                    })
+                    .collect(),
                 failover: m.failover,
             })
             .collect()

@@ -12,6 +12,7 @@ mod cluster;
 pub mod error;
 mod json;
 mod metrics;
+mod modules;
 mod registers;
 mod tokens;
 pub mod views;
@@ -37,6 +38,11 @@ pub fn router(context: Context) -> Router {
         .route("/v1/nodes/{name}", get(cluster::node))
         .route("/v1/modules", get(cluster::modules))
         .route("/v1/registers/{key}", get(registers::read))
+        .route("/v1/modules/{name}", get(modules::get))
+        .route("/v1/modules/{name}/config", get(modules::config_get))
+        .route("/v1/modules/{name}/state", get(modules::state))
+        .route("/v1/modules/{name}/log", get(modules::log))
+        .route("/v1/events", get(modules::events))
         .route("/metrics", get(metrics::prometheus))
         .route_layer(middleware::from_fn_with_state(
             (context.clone(), ApiRole::Monitor),
@@ -45,12 +51,20 @@ pub fn router(context: Context) -> Router {
     let control = Router::new()
         .route("/v1/registers/{key}", put(registers::write))
         .route("/v1/registers/{key}/cas", post(registers::cas))
+        .route("/v1/modules/{name}/start", post(modules::start))
+        .route("/v1/modules/{name}/stop", post(modules::stop))
+        .route("/v1/modules/{name}/restart", post(modules::restart))
+        .route("/v1/modules/{name}/stopstart", post(modules::stopstart))
         .route_layer(middleware::from_fn_with_state(
             (context.clone(), ApiRole::Control),
             auth::require,
         ));
     let admin = Router::new()
         .route("/v1/cluster/init", post(cluster::init))
+        .route("/v1/modules", post(modules::install))
+        .route("/v1/modules/{name}", delete(modules::uninstall))
+        .route("/v1/modules/{name}/package", get(modules::export))
+        .route("/v1/modules/{name}/config", put(modules::config_set))
         .route("/v1/cluster/join", post(cluster::join))
         .route("/v1/cluster/leave", post(cluster::leave))
         .route("/v1/nodes/{name}", delete(cluster::remove_node))
@@ -64,6 +78,9 @@ pub fn router(context: Context) -> Router {
         .route("/health", get(cluster::health))
         .merge(monitor)
         .merge(control)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::module::package::MAX_PACKAGE_BYTES + 1,
+        ))
         .merge(admin)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(context)

@@ -61,7 +61,8 @@ pub struct ModuleSummary {
     pub name: String,
     pub kind: ModuleKind,
     pub digest: String,
-    pub started: bool,
+    /// Names of the nodes the module is started on.
+    pub started_on: Vec<String>,
     pub failover: bool,
 }
 
@@ -113,4 +114,23 @@ pub struct RegisterWrite {
 pub struct RegisterCas {
     pub expected: Option<u64>,
     pub new: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModuleDetail {
+    pub name: String,
+    pub kind: ModuleKind,
+    pub digest: String,
+    /// Earlier package versions kept, newest first.
+    pub previous_digests: Vec<String>,
+    pub failover: bool,
+    /// Names of the nodes the module is started on.
+    pub started_on: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogPage {
+    pub entries: Vec<crate::module::log::LogEntry>,
+    /// Pass as `offset` to read on.
+    pub next_offset: usize,
 }

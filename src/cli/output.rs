@@ -1,6 +1,8 @@
 //! Human-readable tables.
 
-use crate::api::views::{ClusterStatus, TokenSummary};
+use crate::api::views::{ClusterStatus, ModuleSummary, TokenSummary};
+use crate::module::log::LogEntry;
+use crate::module::runtime::ModuleStatus;
 
 /// Left-aligned columns, two spaces apart.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -75,6 +77,65 @@ pub fn token_table(tokens: &[TokenSummary]) -> String {
         .map(|t| vec![t.name.clone(), format!("{:?}", t.role).to_lowercase()])
         .collect();
     table(&["NAME", "ROLE"], &rows)
+}
+
+pub fn module_table(modules: &[ModuleSummary]) -> String {
+    let rows: Vec<Vec<String>> = modules
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                format!("{:?}", m.kind).to_lowercase(),
+                if m.started_on.is_empty() {
+                    "-".into()
+                } else {
+                    m.started_on.join(",")
+                },
+                m.digest[..16.min(m.digest.len())].to_string(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "MODE", "STARTED ON", "PACKAGE"], &rows)
+}
+
+pub fn module_status(status: &ModuleStatus) -> String {
+    let mut out = format!(
+        "{} on {}: {} ({:?}){}\n",
+        status.module,
+        status.node,
+        status.state.name(),
+        status.readiness,
+        status
+            .reason
+            .as_ref()
+            .map_or(String::new(), |r| format!(" — {r}"))
+    );
+    if !status.resources.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .resources
+            .iter()
+            .map(|(name, r)| vec![name.clone(), format!("{:?}", r.state).to_lowercase()])
+            .collect();
+        out.push_str(&table(&["RESOURCE", "STATE"], &rows));
+    }
+    out
+}
+
+pub fn log_lines(entries: &[LogEntry]) -> String {
+    entries
+        .iter()
+        .map(|e| {
+            let secs = e.time_ms / 1000;
+            let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+            format!(
+                "{h:02}:{m:02}:{s:02}.{:03} {:<7} {:<12} {}\n",
+                e.time_ms % 1000,
+                format!("{:?}", e.level).to_uppercase(),
+                e.source,
+                e.message
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@ use rampart_raft::transport::ClusterKey;
 use rampart_raft::{NodeId, NodeInfo, Raft};
 use rampart_storage::StateView;
 
+use std::sync::Arc;
+
 use crate::config::{ClusterConfig, NodeConfig};
+use crate::module::manager::ModuleManager;
 
 pub struct NodeContext {
     pub config: ClusterConfig,
@@ -16,6 +19,10 @@ pub struct NodeContext {
     pub view: StateView,
     /// Authenticates node-to-node channels.
     pub key: ClusterKey,
+    /// The modules of this node.
+    pub modules: Arc<ModuleManager>,
+    /// Cancelled when the node stops: long-lived responses (event streams) end on it.
+    pub shutdown: tokio_util::sync::CancellationToken,
     /// blake3 of the admin token derived from the cluster secret.
     admin_token_hash: String,
 }
@@ -50,13 +57,17 @@ impl NodeContext {
         view: StateView,
         key: ClusterKey,
         secret: &[u8],
+        shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
+        let modules = ModuleManager::new(me.name.clone(), me.id, me.data_dir.clone());
         NodeContext {
             config,
             me,
             raft,
             view,
             key,
+            modules,
+            shutdown,
             admin_token_hash: token_hash(&admin_token(secret)),
         }
     }

@@ -75,8 +75,16 @@ pub async fn start(config: ClusterConfig, name: Option<&str>) -> anyhow::Result<
     .await
     .context("starting Raft")?;
 
-    let context = Arc::new(NodeContext::new(config, me, raft, view, key, &secret));
     let shutdown = CancellationToken::new();
+    let context = Arc::new(NodeContext::new(
+        config,
+        me,
+        raft,
+        view,
+        key,
+        &secret,
+        shutdown.clone(),
+    ));
     let tasks = TaskTracker::new();
     tasks.spawn(transport::serve(
         raft_listener,
@@ -85,6 +93,12 @@ pub async fn start(config: ClusterConfig, name: Option<&str>) -> anyhow::Result<
         shutdown.clone(),
     ));
     tasks.spawn(api::serve(api_listener, context.clone(), shutdown.clone()));
+    tasks.spawn(
+        context
+            .modules
+            .clone()
+            .run(context.view.clone(), shutdown.clone()),
+    );
     info!(
         node = %context.me.name,
         id = context.me.id,

@@ -175,6 +175,45 @@ fn names_that_could_escape_a_path_are_refused() {
 }
 
 #[test]
+fn a_light_module_runs_on_one_node_at_a_time() {
+    let mut state = ClusterState::default();
+    state.apply(&Command::UpsertNode(node("a")));
+    state.apply(&Command::UpsertNode(node("b")));
+    state.apply(&install("job", ModuleKind::Light));
+    let start = |n: &str, started| Command::SetModuleStarted {
+        name: "job".into(),
+        node: node_id_for_name(n),
+        started,
+    };
+    assert_eq!(state.apply(&start("a", true)), CommandResponse::Applied);
+    assert!(rejected(state.apply(&start("b", true))).contains("already runs"));
+    assert_eq!(state.apply(&start("a", false)), CommandResponse::Applied);
+    assert_eq!(state.apply(&start("b", true)), CommandResponse::Applied);
+}
+
+#[test]
+fn the_last_three_packages_are_kept() {
+    let mut state = ClusterState::default();
+    for version in 0..5 {
+        let package = format!("v{version}").into_bytes();
+        state.apply(&Command::InstallModule {
+            name: "m".into(),
+            kind: ModuleKind::Light,
+            digest: blake3::hash(&package).to_hex().to_string(),
+            package,
+        });
+    }
+    let module = &state.modules["m"];
+    assert_eq!(module.package, b"v4");
+    let previous: Vec<&[u8]> = module
+        .previous
+        .iter()
+        .map(|p| p.package.as_slice())
+        .collect();
+    assert_eq!(previous, [b"v3".as_slice(), b"v2".as_slice()]);
+}
+
+#[test]
 fn compare_and_set_only_changes_an_expected_value() {
     let mut state = ClusterState::default();
     let cas = |expected, new| Command::RegisterCas {
@@ -207,13 +246,15 @@ fn arb_command() -> impl Strategy<Value = Command> {
         module
             .clone()
             .prop_map(|name| Command::UninstallModule { name }),
-        (module.clone(), any::<Option<bool>>(), any::<Option<bool>>()).prop_map(
-            |(name, started, failover)| Command::SetModuleAdmin {
+        (module.clone(), any::<bool>())
+            .prop_map(|(name, failover)| Command::SetModuleFailover { name, failover }),
+        (module.clone(), arb_node(), any::<bool>()).prop_map(|(name, node, started)| {
+            Command::SetModuleStarted {
                 name,
+                node,
                 started,
-                failover
             }
-        ),
+        }),
         (
             module.clone(),
             0u64..6,
