@@ -51,6 +51,7 @@ async fn cluster_survives_leader_kill_recovers_and_changes_membership() {
         cluster.post("n2", "/v1/cluster/init", json!({})).await.0,
         409
     );
+    modules_follow_the_cluster_state(&cluster, follower).await;
 
     // Phase 2: kill -9 the leader; a new leader commits within 2 s.
     let before: ClusterStatus = cluster.status(follower).await;
@@ -174,6 +175,85 @@ async fn cluster_survives_leader_kill_recovers_and_changes_membership() {
             "{name} kept a port"
         );
     }
+}
+
+/// A package installed through any node reaches every node's module folder; a light
+/// module runs on one node, operated from another.
+async fn modules_follow_the_cluster_state(cluster: &TestCluster, through: &str) {
+    use rampart::module::package::{build_zip, Content};
+    let file = |path: &str, mode, data: &str| {
+        (
+            path.to_string(),
+            Content::File {
+                mode,
+                data: data.as_bytes().to_vec(),
+            },
+        )
+    };
+    let package = build_zip(
+        "job",
+        &[
+            file(
+                "conf/userconfig.xml",
+                0o644,
+                "<safe><service mode=\"light\"/></safe>",
+            ),
+            file("bin/start_prim", 0o755, "#!/bin/sh\nexit 0\n"),
+        ],
+    );
+    let response = cluster
+        .http
+        .post(cluster.url(through, "/v1/modules"))
+        .bearer_auth(cluster.admin_token())
+        .body(package)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    for node in ["n1", "n2", "n3"] {
+        let config = cluster
+            .dir
+            .path()
+            .join(format!("data-{node}/modules/job/conf/userconfig.xml"));
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{node} has the package"),
+            || async { config.exists() },
+        )
+        .await;
+    }
+    // Started on n2 through n1; n3 is refused (a light module runs on one node).
+    let (code, body) = cluster
+        .post("n1", "/v1/modules/job/start?node=n2", json!({}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = cluster
+        .post("n1", "/v1/modules/job/start?node=n3", json!({}))
+        .await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("already runs"),
+        "{body}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "job is ALONE on n2, seen from n1",
+        || async {
+            let status: serde_json::Value =
+                cluster.get("n1", "/v1/modules/job/state?node=n2").await;
+            status["state"] == "ALONE" && status["node"] == "n2"
+        },
+    )
+    .await;
+    let status: serde_json::Value = cluster.get("n1", "/v1/modules/job/state").await;
+    assert_eq!(status["state"], "STOP", "n1 itself does not run it");
+    assert_eq!(
+        cluster
+            .post("n3", "/v1/modules/job/stop?node=n2", json!({}))
+            .await
+            .0,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

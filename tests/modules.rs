@@ -217,14 +217,20 @@ async fn light_modules_run_are_watched_restarted_and_stopped() {
         "api",
         &format!(
             r#"<safe><service mode="light">
-                 <user><var name="PORT" value="{}"/></user>
+                 <user logging="userlog"><var name="PORT" value="{}"/></user>
                  <check><tcp ident="http"><to addr="127.0.0.1" port="{}" interval="300ms" timeout="200ms"/></tcp></check>
                </service></safe>"#,
             ports[1], ports[1]
         ),
         &server_scripts(),
     );
-    cli.ok(&["module", "install", api.to_str().unwrap()]);
+    let install = cli.run(&["module", "install", api.to_str().unwrap()]);
+    assert!(install.status.success());
+    let warnings = String::from_utf8_lossy(&install.stderr);
+    assert!(
+        warnings.contains("warning:") && warnings.contains("'logging'"),
+        "{warnings}"
+    );
     cli.ok(&["start", "-m", "api"]);
     restarted_after_kill(&cluster, "api", ports[1]).await;
     wait_until(Duration::from_secs(10), "tcp.http is up again", || async {

@@ -66,6 +66,7 @@ fn detail(context: &Context, name: &str) -> Result<ModuleDetail, ApiError> {
                         .map_or(id.to_string(), |n| n.name.clone())
                 })
                 .collect(),
+            warnings: Vec::new(),
         })
     })
 }
@@ -83,7 +84,9 @@ async fn commit_package(
             package: package.bytes.clone(),
         })
         .await?;
-    Ok(Json(detail(context, &package.name)?))
+    let mut detail = detail(context, &package.name)?;
+    detail.warnings = package.config.warnings;
+    Ok(Json(detail))
 }
 
 pub async fn install(

@@ -126,6 +126,10 @@ pub struct ModuleDetail {
     pub failover: bool,
     /// Names of the nodes the module is started on.
     pub started_on: Vec<String>,
+    /// Settings of the package's configuration that were accepted but mean nothing
+    /// here, each with the reason (filled when a package is installed or edited).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -322,6 +322,7 @@ async fn module_command(cli: &Cli, command: &ModuleCommand) -> anyhow::Result<Ex
             let detail: ModuleDetail = client
                 .post_bytes("/v1/modules", bytes, "application/zip")
                 .await?;
+            print_warnings(&detail);
             print(cli, &detail, |d| {
                 format!(
                     "installed module '{}' ({:?}), package {}\n",
@@ -361,10 +362,17 @@ async fn module_command(cli: &Cli, command: &ModuleCommand) -> anyhow::Result<Ex
             let detail: ModuleDetail = client
                 .put_text(&format!("/v1/modules/{name}/config"), text)
                 .await?;
+            print_warnings(&detail);
             print(cli, &detail, |d| {
                 format!("module '{}' now runs package {}\n", d.name, &d.digest[..16])
             })
         }
+    }
+}
+
+fn print_warnings(detail: &ModuleDetail) {
+    for warning in &detail.warnings {
+        eprintln!("warning: {warning}");
     }
 }
 

@@ -35,8 +35,6 @@ pub use read::parse;
 #[derive(Debug, Clone)]
 pub struct UserConfig {
     pub mode: ModuleKind,
-    /// Start the module when the node boots.
-    pub boot: bool,
     /// Mirror: the node preferred as PRIM when both start.
     pub defaultprim: Option<String>,
     /// Automatic failover; `false` leaves failover to the operator.

@@ -209,6 +209,17 @@ fn a_light_module_with_units_and_checkers() {
 }
 
 #[test]
+fn boot_off_is_flagged_as_not_honoured_yet() {
+    let config = parse_ok("<safe><service mode=\"light\" boot=\"off\"/></safe>");
+    assert!(config.warnings.iter().any(|w| w.contains("boot=\"off\"")));
+    assert!(
+        parse_ok("<safe><service mode=\"light\" boot=\"on\"/></safe>")
+            .warnings
+            .is_empty()
+    );
+}
+
+#[test]
 fn failover_rules_are_kept_and_flagged_as_not_evaluated() {
     let config = parse_ok(
         "<safe><service mode=\"light\"><failover><![CDATA[\n  c_tcp: if (tcp.* == down) then restart();\n]]></failover></service></safe>",

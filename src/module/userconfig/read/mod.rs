@@ -174,6 +174,12 @@ fn read_service(service: &Element) -> Result<UserConfig, ConfigError> {
     service.check_children(&[
         "macro", "heart", "vip", "rfs", "farm", "user", "errd", "check", "failover",
     ])?;
+    if service.flag("boot")? == Some(false) {
+        warnings.push(format!(
+            "{}:{}:{}: boot=\"off\" of <service> has no effect yet: a module started on a node starts again when its node agent starts",
+            service.file, service.pos.line, service.pos.column
+        ));
+    }
     let mode = match service.required("mode")? {
         "mirror" => ModuleKind::Mirror,
         "farm" => ModuleKind::Farm,
@@ -257,7 +263,6 @@ fn read_service(service: &Element) -> Result<UserConfig, ConfigError> {
     }
     Ok(UserConfig {
         mode,
-        boot: service.flag("boot")?.unwrap_or(true),
         defaultprim: service.attr("defaultprim").map(str::to_string),
         failover: service.flag("failover")?.unwrap_or(true),
         maxloop: service.parsed("maxloop", "a whole number")?.unwrap_or(3),
