@@ -162,7 +162,7 @@ async fn light_modules_run_are_watched_restarted_and_stopped() {
         &format!(
             r#"<safe><service mode="light" maxloop="5" loop_interval="1h">
                  <user nicestoptimeout="10s" forcestoptimeout="5s"><var name="PORT" value="{}"/></user>
-                 <errd polltimer="300ms"><proc name="web" nameregex="^python3" argregex="http\.server {} " atleast="1" action="restart"/></errd>
+                 <errd polltimer="1s"><proc name="web" nameregex="^python3" argregex="http\.server {} " atleast="1" action="restart"/></errd>
                </service></safe>"#,
             ports[0], ports[0]
         ),

@@ -246,12 +246,16 @@ mod tests {
             class: When::Both,
             action: Action::Restart,
         };
-        assert!(
-            count_processes(&proc(
-                ProcMatch::Name("sleep".into()),
-                Some("^sleep 31\\.5$")
-            )) >= 1
-        );
+        // Until the child has exec'd, /proc shows it as a copy of this test.
+        let exact = || proc(ProcMatch::Name("sleep".into()), Some("^sleep 31\\.5$"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while count_processes(&exact()) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep never showed up in /proc"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(
             count_processes(&proc(ProcMatch::Name("sleep".into()), Some("^sleep 99$"))),
             0
