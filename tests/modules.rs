@@ -313,6 +313,29 @@ async fn light_modules_run_are_watched_restarted_and_stopped() {
     assert!(cli
         .ok(&["module", "config", "get", "web"])
         .contains("loop_interval=\"1h\""));
+    // A valid edit of a running module: the old package's runtime stops the server,
+    // the new one starts it again.
+    let current = cli.ok(&["module", "config", "get", "web"]);
+    let before_pid = read_pid(&cluster, "web").expect("web runs");
+    std::fs::write(&edit, current.replace("maxloop=\"5\"", "maxloop=\"6\"")).unwrap();
+    cli.ok(&["module", "config", "set", "web", edit.to_str().unwrap()]);
+    assert!(cli
+        .ok(&["module", "config", "get", "web"])
+        .contains("maxloop=\"6\""));
+    wait_until(
+        Duration::from_secs(20),
+        "web runs its new package",
+        || async {
+            read_pid(&cluster, "web").is_some_and(|p| p != before_pid)
+                && cli.state_code("web") == 2
+                && serves(ports[0]).await
+        },
+    )
+    .await;
+    assert!(
+        cli.ok(&["log", "-m", "web"]).matches("package ").count() >= 2,
+        "two packages set up"
+    );
     // Uninstalling a started module is refused.
     assert!(!cli.run(&["module", "uninstall", "web"]).status.success());
 

@@ -75,6 +75,17 @@ impl ClusterState {
         }
     }
 
+    /// Names of the nodes `ids` (an id without a record shows as the number).
+    pub fn node_names<'a>(&self, ids: impl IntoIterator<Item = &'a NodeId>) -> Vec<String> {
+        ids.into_iter()
+            .map(|id| {
+                self.nodes
+                    .get(id)
+                    .map_or(id.to_string(), |n| n.name.clone())
+            })
+            .collect()
+    }
+
     pub fn node_by_name(&self, name: &str) -> Option<&NodeRecord> {
         self.nodes.values().find(|n| n.name == name)
     }

@@ -112,16 +112,7 @@ pub async fn modules(State(context): State<Context>) -> Json<Vec<ModuleSummary>>
                 name: m.name.clone(),
                 kind: m.kind,
                 digest: m.digest.clone(),
-                started_on: m
-                    .started_on
-                    .iter()
-                    .map(|id| {
-                        s.cluster
-                            .nodes
-                            .get(id)
-                            .map_or(id.to_string(), |n| n.name.clone())
-                    })
-                    .collect(),
+                started_on: s.cluster.node_names(&m.started_on),
                 failover: m.failover,
             })
             .collect()

@@ -56,16 +56,7 @@ fn detail(context: &Context, name: &str) -> Result<ModuleDetail, ApiError> {
             digest: m.digest.clone(),
             previous_digests: m.previous.iter().map(|p| p.digest.clone()).collect(),
             failover: m.failover,
-            started_on: m
-                .started_on
-                .iter()
-                .map(|id| {
-                    s.cluster
-                        .nodes
-                        .get(id)
-                        .map_or(id.to_string(), |n| n.name.clone())
-                })
-                .collect(),
+            started_on: s.cluster.node_names(&m.started_on),
             warnings: Vec::new(),
         })
     })

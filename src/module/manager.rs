@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use rampart_raft::NodeId;
-use rampart_storage::{AppliedState, StateView};
+use rampart_storage::StateView;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use super::log::ModuleLog;
+use super::log::{Level, ModuleLog};
 use super::package::{module_dir, Package};
 use super::probe::ModuleStates;
 use super::runtime::{Control, ModuleStatus, Runtime, RuntimeHandle};
@@ -56,7 +56,7 @@ impl ModuleManager {
     pub async fn run(self: Arc<Self>, view: StateView, shutdown: CancellationToken) {
         let mut changes = view.changes();
         loop {
-            view.read(|state| self.reconcile(state));
+            self.reconcile(&view);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 changed = changes.changed() => if changed.is_err() { break },
@@ -72,12 +72,27 @@ impl ModuleManager {
         }
     }
 
-    fn reconcile(&self, state: &AppliedState) {
+    /// Brings the runtimes in line with the state. Reads the state briefly (names,
+    /// digests, started flags) and package bytes only for modules whose package changed,
+    /// so that unpacking never holds up the state machine.
+    fn reconcile(&self, view: &StateView) {
+        let wanted: BTreeMap<String, (String, bool)> = view.read(|s| {
+            s.cluster
+                .modules
+                .values()
+                .map(|m| {
+                    (
+                        m.name.clone(),
+                        (m.digest.clone(), m.started_on.contains(&self.node_id)),
+                    )
+                })
+                .collect()
+        });
         let mut runtimes = self.runtimes.lock().expect("not poisoned");
         // Uninstalled modules: stop and forget.
         let gone: Vec<String> = runtimes
             .keys()
-            .filter(|n| !state.cluster.modules.contains_key(*n))
+            .filter(|n| !wanted.contains_key(*n))
             .cloned()
             .collect();
         for name in gone {
@@ -92,27 +107,24 @@ impl ModuleManager {
             }
             self.desired.lock().expect("not poisoned").remove(&name);
         }
-        for (name, record) in &state.cluster.modules {
-            let current = runtimes.get(name).map(|h| h.digest.clone());
-            if current.as_deref() != Some(record.digest.as_str()) {
-                let was_running = runtimes
-                    .get(name)
-                    .is_some_and(|h| h.status.borrow().state != ModuleState::Stop);
-                if let Some(old) = runtimes.remove(name) {
+        for (name, (digest, run)) in &wanted {
+            if runtimes.get(name).map(|h| h.digest.as_str()) != Some(digest.as_str()) {
+                let Some(bytes) =
+                    view.read(|s| s.cluster.modules.get(name).map(|m| m.package.clone()))
+                else {
+                    continue; // uninstalled meanwhile; the next change handles it
+                };
+                // A new package: the old runtime stops the application, and the new one
+                // starts only once the old one has finished (see `build`).
+                let previous = runtimes.remove(name).map(|old| {
                     old.shutdown.cancel();
-                    // The old runtime stops the application before the new one starts it:
-                    // the new one's Start waits in its queue behind this.
-                    let task = old.task;
-                    tokio::spawn(async move {
-                        let _ = task.await;
-                    });
-                }
-                match self.build(name, &record.package) {
+                    old.task
+                });
+                match self.build(name, &bytes, previous) {
                     Ok(handle) => {
                         runtimes.insert(name.clone(), handle);
-                        if was_running {
-                            self.desired.lock().expect("not poisoned").remove(name);
-                        }
+                        // Tell the new runtime whether to run, whatever the old one was told.
+                        self.desired.lock().expect("not poisoned").remove(name);
                     }
                     Err(e) => {
                         error!(module = %name, error = %e, "cannot set up the module on this node");
@@ -120,24 +132,30 @@ impl ModuleManager {
                     }
                 }
             }
-            let run = record.started_on.contains(&self.node_id);
             let mut desired = self.desired.lock().expect("not poisoned");
-            if desired.get(name) != Some(&run) {
-                desired.insert(name.clone(), run);
+            if desired.get(name) != Some(run) {
+                desired.insert(name.clone(), *run);
                 if let Some(handle) = runtimes.get(name) {
                     let _ =
                         handle
                             .control
-                            .try_send(if run { Control::Start } else { Control::Stop });
+                            .try_send(if *run { Control::Start } else { Control::Stop });
                 }
             }
         }
     }
 
-    fn build(&self, name: &str, bytes: &[u8]) -> anyhow::Result<RuntimeHandle> {
+    /// Materialises the package and spawns its runtime. With `previous` (the task of
+    /// the runtime it replaces), the new runtime waits for it to end first, so the two
+    /// never run the application's scripts at the same time.
+    fn build(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        previous: Option<tokio::task::JoinHandle<()>>,
+    ) -> anyhow::Result<RuntimeHandle> {
         let package = Package::open(bytes.to_vec())?;
         let dir = module_dir(&self.data_dir, name);
-        package.materialize(&dir)?;
         let var_dir = self.data_dir.join("modules-var").join(name);
         std::fs::create_dir_all(&var_dir)?;
         let log = Arc::new(ModuleLog::open(
@@ -161,7 +179,7 @@ impl ModuleManager {
                 var_dir,
                 vars: package.config.user.vars.clone(),
             },
-            config: package.config,
+            config: package.config.clone(),
             log: log.clone(),
             node: self.node.clone(),
             status,
@@ -171,14 +189,42 @@ impl ModuleManager {
                 .upgrade()
                 .expect("the manager outlives its runtimes"),
         };
-        let task = tokio::spawn(runtime.run(control_rx, shutdown.clone()));
+        let digest = package.digest.clone();
+        let task_shutdown = shutdown.clone();
+        let task_dir = dir.clone();
+        let task = tokio::spawn(async move {
+            // The old runtime may still be running scripts from the module folder:
+            // unpack only once it has finished.
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let unpack = tokio::task::spawn_blocking(move || {
+                package.materialize(&task_dir).map(|()| package)
+            })
+            .await;
+            match unpack {
+                Ok(Ok(package)) => {
+                    runtime.log.append(
+                        Level::Info,
+                        "package",
+                        &format!("package {} set up", &package.digest[..16]),
+                    );
+                    for warning in &package.config.warnings {
+                        runtime.log.append(Level::Warn, "package", warning);
+                    }
+                    runtime.run(control_rx, task_shutdown).await
+                }
+                Ok(Err(e)) => runtime.fail_setup(&format!("cannot unpack the package: {e}")),
+                Err(e) => runtime.fail_setup(&format!("unpacking the package stopped: {e}")),
+            }
+        });
         Ok(RuntimeHandle {
             control,
             status: status_rx,
             log,
             shutdown,
             task,
-            digest: package.digest,
+            digest,
             dir,
         })
     }

@@ -168,6 +168,16 @@ impl Runtime {
         }
     }
 
+    /// The module could not be set up on this node: STOP, with the reason.
+    pub fn fail_setup(&self, reason: &str) {
+        self.log.append(Level::Error, "package", reason);
+        self.set(
+            ModuleState::Stop,
+            Readiness::NotReady,
+            Some(reason.to_string()),
+        );
+    }
+
     /// The task: waits for Start, runs, supervises, stops; until `shutdown`.
     pub async fn run(self, mut control: mpsc::Receiver<Control>, shutdown: CancellationToken) {
         loop {
@@ -198,7 +208,10 @@ impl Runtime {
             match self.supervise(&mut control, &shutdown).await {
                 Ending::Stop(reason) => self.stop(reason).await,
                 Ending::Shutdown => {
-                    self.stop(Some("the node agent stopped".into())).await;
+                    self.stop(Some(
+                        "stopped by the node agent (a new package, or the agent stopping)".into(),
+                    ))
+                    .await;
                     return;
                 }
             }

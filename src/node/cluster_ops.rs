@@ -24,6 +24,8 @@ const ROUTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// for the new node to catch up with the log.
 const LEADER_OP_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// How long a write waits for this node to apply it (see `wait_applied`).
+const APPLY_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -49,13 +51,32 @@ impl NodeContext {
     /// [`ClusterError::Rejected`].
     pub async fn write(&self, command: Command) -> Result<WriteReceipt, ClusterError> {
         match self.route(LeaderOp::Write(command), None).await? {
-            LeaderReply::Written(receipt) => match &receipt.response {
-                CommandResponse::Applied => Ok(receipt),
-                CommandResponse::Rejected(reason) => Err(ClusterError::Rejected(reason.clone())),
-            },
+            LeaderReply::Written(receipt) => {
+                self.wait_applied(receipt.log_index).await;
+                match &receipt.response {
+                    CommandResponse::Applied => Ok(receipt),
+                    CommandResponse::Rejected(reason) => {
+                        Err(ClusterError::Rejected(reason.clone()))
+                    }
+                }
+            }
             other => Err(ClusterError::Failed(format!(
                 "unexpected reply to a write: {other:?}"
             ))),
+        }
+    }
+
+    /// Waits (bounded) until this node has applied the log up to `index`, so that a
+    /// client that wrote through this node reads its write here (read-your-writes).
+    /// The write is committed either way; a node that lags longer is only late.
+    async fn wait_applied(&self, index: u64) {
+        let mut applied = self.view.changes();
+        let caught_up = tokio::time::timeout(APPLY_WAIT, applied.wait_for(|i| *i >= index)).await;
+        if caught_up.is_err() {
+            tracing::warn!(
+                index,
+                "this node has not applied a committed write after {APPLY_WAIT:?}"
+            );
         }
     }
 

@@ -150,26 +150,26 @@ impl TestCluster {
             .map(|(_, c)| c.id())
     }
 
-    /// kill -9, and reap.
-    pub fn kill(&mut self, name: &str) {
+    /// The running process of node `name`, no longer tracked.
+    fn take_process(&mut self, name: &str) -> Child {
         let index = self
             .processes
             .iter()
             .position(|(n, _)| n == name)
             .expect("a running node");
-        let (_, mut child) = self.processes.remove(index);
+        self.processes.remove(index).1
+    }
+
+    /// kill -9, and reap.
+    pub fn kill(&mut self, name: &str) {
+        let mut child = self.take_process(name);
         child.kill().unwrap();
         child.wait().unwrap();
     }
 
     /// SIGTERM, and wait for a clean exit; returns whether it exited with status 0.
     pub fn terminate(&mut self, name: &str) -> bool {
-        let index = self
-            .processes
-            .iter()
-            .position(|(n, _)| n == name)
-            .expect("a running node");
-        let (_, mut child) = self.processes.remove(index);
+        let mut child = self.take_process(name);
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
