@@ -17,6 +17,12 @@ async fn get_as(cluster: &TestCluster, token: &str, path: &str) -> reqwest::Resp
         .unwrap()
 }
 
+async fn add_monitor_token(cluster: &TestCluster, name: &str) -> (u16, Value) {
+    cluster
+        .post("n1", "/v1/tokens", json!({"name": name, "role": "monitor"}))
+        .await
+}
+
 async fn single_node_cluster() -> TestCluster {
     let mut cluster = TestCluster::new(1);
     let config = cluster.write_config("cluster.xml", 1, "secret");
@@ -49,13 +55,7 @@ async fn bad_tokens_roles_and_payloads_get_clear_errors() {
     assert_eq!(response.status(), 401);
 
     // A monitor token reads but cannot administer.
-    let (code, created) = cluster
-        .post(
-            "n1",
-            "/v1/tokens",
-            json!({"name": "grafana", "role": "monitor"}),
-        )
-        .await;
+    let (code, created) = add_monitor_token(&cluster, "grafana").await;
     assert_eq!(code, 200, "{created}");
     let monitor = created["token"].as_str().unwrap().to_string();
     let response = get_as(&cluster, &monitor, "/v1/cluster").await;
@@ -103,13 +103,7 @@ async fn bad_tokens_roles_and_payloads_get_clear_errors() {
         );
     }
     // A name the state machine refuses: committed as a no-op, reported as a conflict.
-    let (code, body) = cluster
-        .post(
-            "n1",
-            "/v1/tokens",
-            json!({"name": "../etc", "role": "monitor"}),
-        )
-        .await;
+    let (code, body) = add_monitor_token(&cluster, "../etc").await;
     assert_eq!(code, 409, "{body}");
     assert!(body["message"]
         .as_str()

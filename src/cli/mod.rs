@@ -269,14 +269,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let page: LogPage = client
                     .get(&format!("{base}&offset={offset}&limit=1000"))
                     .await?;
-                let done = page.entries.is_empty() && page.next_offset == offset;
                 for entry in page.entries {
                     entries.push_back(entry);
                     if entries.len() > *last {
                         entries.pop_front();
                     }
                 }
-                if done || page.next_offset == offset {
+                // The log ends where reading made no progress.
+                if page.next_offset == offset {
                     break;
                 }
                 offset = page.next_offset;

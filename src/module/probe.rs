@@ -148,87 +148,85 @@ mod tests {
         }
     }
 
+    /// The probe's answer, with a 2 s timeout; module folder `/` (tests use
+    /// absolute paths).
+    async fn up(probe_: Probe) -> bool {
+        probe(&probe_, Duration::from_secs(2), Path::new("/"), &NoModules).await
+    }
+
     #[tokio::test]
-    async fn tcp_ip_module_and_custom_probes() {
+    async fn tcp_ip_intf_module_custom_and_ping_probes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let dir = tempfile::tempdir().unwrap();
-        let t = Duration::from_secs(2);
         let localhost: IpAddr = "127.0.0.1".parse().unwrap();
         assert!(
-            probe(
-                &Probe::Tcp {
-                    addr: localhost,
-                    port
-                },
-                t,
-                dir.path(),
-                &NoModules
-            )
+            up(Probe::Tcp {
+                addr: localhost,
+                port
+            })
             .await
         );
         drop(listener);
         assert!(
-            !probe(
-                &Probe::Tcp {
-                    addr: localhost,
-                    port
-                },
-                t,
-                dir.path(),
-                &NoModules
-            )
+            !up(Probe::Tcp {
+                addr: localhost,
+                port
+            })
             .await
         );
-        assert!(probe(&Probe::Ip { addr: localhost }, t, dir.path(), &NoModules).await);
-        let absent: IpAddr = "198.18.255.254".parse().unwrap();
-        assert!(!probe(&Probe::Ip { addr: absent }, t, dir.path(), &NoModules).await);
+        // ip and intf read this machine's configuration: no traffic.
+        assert!(up(Probe::Ip { addr: localhost }).await);
         assert!(
-            probe(
-                &Probe::Intf {
-                    interface: Some("lo".into()),
-                    addr: None
-                },
-                t,
-                dir.path(),
-                &NoModules
-            )
+            !up(Probe::Ip {
+                addr: "198.18.255.254".parse().unwrap()
+            })
             .await
         );
         assert!(
-            probe(
-                &Probe::Module {
-                    name: "other".into()
-                },
-                t,
-                dir.path(),
-                &NoModules
-            )
+            up(Probe::Intf {
+                interface: Some("lo".into()),
+                addr: None
+            })
             .await
         );
         assert!(
-            !probe(
-                &Probe::Module {
-                    name: "none".into()
-                },
-                t,
-                dir.path(),
-                &NoModules
-            )
+            !up(Probe::Intf {
+                interface: Some("nosuchif0".into()),
+                addr: None
+            })
             .await
         );
-        let custom = |exec: &str| Probe::Custom {
+        assert!(
+            up(Probe::Module {
+                name: "other".into()
+            })
+            .await
+        );
+        assert!(
+            !up(Probe::Module {
+                name: "none".into()
+            })
+            .await
+        );
+        let custom = |exec: &str, args: &[&str]| Probe::Custom {
             exec: exec.into(),
-            args: vec![],
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
-        assert!(probe(&custom("/bin/true"), t, dir.path(), &NoModules).await);
-        assert!(!probe(&custom("/bin/false"), t, dir.path(), &NoModules).await);
+        assert!(up(custom("/bin/true", &[])).await);
+        assert!(!up(custom("/bin/false", &[])).await);
         // A custom probe that hangs is down at its timeout.
-        let hang = Probe::Custom {
-            exec: "/bin/sleep".into(),
-            args: vec!["10".into()],
-        };
-        assert!(!probe(&hang, Duration::from_millis(200), dir.path(), &NoModules).await);
+        let hang = custom("/bin/sleep", &["10"]);
+        assert!(
+            !probe(
+                &hang,
+                Duration::from_millis(200),
+                Path::new("/"),
+                &NoModules
+            )
+            .await
+        );
+        // Loopback only: tests never send traffic elsewhere. (`./dev` installs ping.)
+        assert!(up(Probe::Ping { addr: localhost }).await);
     }
 
     #[test]
