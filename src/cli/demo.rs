@@ -67,9 +67,10 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             let first = &config.nodes[0];
             println!(
                 "\nThe demo cluster runs from {dir} (configuration, data, and one log per node).\n\
-                 Look at it from any node:  rampart --config {cfg} --name {name} status\n\
+                 Look at it from any node:  {exe} --config {cfg} --name {name} status\n\
                  Its admin API:             http://{api}/v1/cluster (token in {dir}/admin-token)",
                 dir = args.dir.display(),
+                exe = exe.display(),
                 cfg = config_path.display(),
                 name = first.name,
                 api = first.api_addr(),
