@@ -162,11 +162,11 @@ async fn cli_shows_status_as_table_and_json() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown or revoked token"));
 }
 
-#[test]
-fn cli_reports_malformed_cluster_xml_with_line_and_column() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("cluster.xml");
-    std::fs::write(&config, "<cluster>\n  <lans>\n    <lan name=\"x\">\n      <node name=\"a\" addr=\"127.0.0.1\">\n    </lan>\n</cluster>\n").unwrap();
+/// Writes `xml` as cluster.xml and returns what `rampart node` printed on stderr,
+/// after checking it failed.
+fn node_refuses(dir: &std::path::Path, xml: &str) -> (String, std::path::PathBuf) {
+    let config = dir.join("cluster.xml");
+    std::fs::write(&config, xml).unwrap();
     let output = Command::new(BIN)
         .arg("--config")
         .arg(&config)
@@ -174,25 +174,25 @@ fn cli_reports_malformed_cluster_xml_with_line_and_column() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    (String::from_utf8_lossy(&output.stderr).into_owned(), config)
+}
+
+#[test]
+fn cli_reports_malformed_cluster_xml_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stderr, config) = node_refuses(
+        dir.path(),
+        "<cluster>\n  <lans>\n    <lan name=\"x\">\n      <node name=\"a\" addr=\"127.0.0.1\">\n    </lan>\n</cluster>\n",
+    );
     let expected = format!("{}:5:", config.display());
     assert!(
         stderr.contains(&expected) && stderr.contains("malformed XML"),
         "{stderr}"
     );
-
-    std::fs::write(
-        &config,
+    let (stderr, _) = node_refuses(
+        dir.path(),
         "<cluster>\n  <lans>\n    <lan name=\"x\" colour=\"red\"/>\n  </lans>\n</cluster>\n",
-    )
-    .unwrap();
-    let output = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .arg("node")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    );
     assert!(
         stderr.contains(":3:5: unknown attribute 'colour' in <lan>"),
         "{stderr}"

@@ -295,7 +295,12 @@ async fn control(
             context.me.name
         )));
     }
-    context.modules.control(&name, what);
+    if !context.modules.control(&name, what) {
+        return Err(ApiError::Unavailable(format!(
+            "module '{name}' is being set up again on node '{}': retry",
+            context.me.name
+        )));
+    }
     Ok(Json(local_status(&context, &name)?).into_response())
 }
 

@@ -136,10 +136,9 @@ impl ModuleManager {
             if desired.get(name) != Some(run) {
                 desired.insert(name.clone(), *run);
                 if let Some(handle) = runtimes.get(name) {
-                    let _ =
-                        handle
-                            .control
-                            .try_send(if *run { Control::Start } else { Control::Stop });
+                    let _ = handle
+                        .control
+                        .send(if *run { Control::Start } else { Control::Stop });
                 }
             }
         }
@@ -170,7 +169,8 @@ impl ModuleManager {
             resources: BTreeMap::new(),
         };
         let (status, status_rx) = watch::channel(initial);
-        let (control, control_rx) = mpsc::channel(8);
+        // Unbounded: requests are few and small, and none may be dropped.
+        let (control, control_rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
         let runtime = Runtime {
             env: ScriptEnv {
@@ -245,10 +245,11 @@ impl ModuleManager {
             .map(|h| h.log.clone())
     }
 
-    /// Restart or stopstart on this node; `false` when the module is unknown here.
+    /// Restart or stopstart on this node; `false` when the module is unknown here or
+    /// its runtime has ended.
     pub fn control(&self, name: &str, control: Control) -> bool {
         match self.runtimes.lock().expect("not poisoned").get(name) {
-            Some(handle) => handle.control.try_send(control).is_ok(),
+            Some(handle) => handle.control.send(control).is_ok(),
             None => false,
         }
     }

@@ -179,7 +179,11 @@ impl Runtime {
     }
 
     /// The task: waits for Start, runs, supervises, stops; until `shutdown`.
-    pub async fn run(self, mut control: mpsc::Receiver<Control>, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let request = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -304,7 +308,7 @@ impl Runtime {
 
     async fn supervise(
         &self,
-        control: &mut mpsc::Receiver<Control>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
         shutdown: &CancellationToken,
     ) -> Ending {
         let mut budget = LoopBudget {
@@ -448,7 +452,7 @@ impl Runtime {
 
 /// What the manager keeps of a running runtime.
 pub struct RuntimeHandle {
-    pub control: mpsc::Sender<Control>,
+    pub control: mpsc::UnboundedSender<Control>,
     pub status: watch::Receiver<ModuleStatus>,
     pub log: Arc<ModuleLog>,
     pub shutdown: CancellationToken,
