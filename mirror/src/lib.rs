@@ -1,0 +1,71 @@
+//! The mirror data plane: what makes a directory on PRIM and its copy on SECOND hold the
+//! same bytes (DESIGN "Mirror data plane").
+//!
+//! - [`protocol`]: the replication stream's messages (epoch, sequence, operations).
+//! - [`tree`]: a directory tree reached through a descriptor opened before mounting.
+//! - [`second`]: SECOND's receiver and applier, behind a read-only bind mount.
+//! - [`prim`]: PRIM's FUSE interception, replication engine and reintegration.
+//!
+//! Bookkeeping (intents, dirty zones, journal, sync point) lives in
+//! [`rampart_storage::ReplicationBook`].
+
+pub mod prim;
+pub mod protocol;
+pub mod second;
+pub mod tree;
+
+use rampart_raft::transport::ChannelError;
+use rampart_storage::BookError;
+
+/// When a change counts as replicated (`<rfs sync="...">`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AckMode {
+    /// A write returns once it is applied locally and SECOND has received it.
+    #[default]
+    Write,
+    /// ... and SECOND has written it to its disk.
+    Durable,
+    /// Writes stream without waiting; fsync waits until SECOND durably holds every
+    /// earlier change (the crash semantics of a local disk).
+    Fsync,
+}
+
+impl std::str::FromStr for AckMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "write" => Ok(AckMode::Write),
+            "durable" => Ok(AckMode::Durable),
+            "fsync" => Ok(AckMode::Fsync),
+            other => Err(format!(
+                "unknown acknowledgement mode {other:?} (write, durable or fsync)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Book(#[from] BookError),
+    #[error("replication link: {0}")]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Decode(#[from] protocol::DecodeError),
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+impl MirrorError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MirrorError {
+        move |source| MirrorError::Io { what, source }
+    }
+}

@@ -1,0 +1,564 @@
+//! Reintegration: brings a returning SECOND up to date while the application writes.
+//!
+//! - **Incremental** (both copies hold the same sync point): the work is PRIM's dirty
+//!   set, to which the session start added the peer's own marks. Nothing else is looked
+//!   at, so the cost follows what changed, not the size of the tree.
+//! - **Full** (sync points differ): both trees are listed, files on both sides are
+//!   compared zone by zone with blake3 on each side, and only differing zones, missing
+//!   entries and differing attributes become work; then as incremental.
+//!
+//! Every operation the copier sends is read and queued under the engine's order lock
+//! ([`Engine::send_current`]), so a live change and the copier's view of the same bytes
+//! reach SECOND in the order they happened here. A mark is cleared only once SECOND
+//! durably holds what was sent for it; an interrupted reintegration resumes from the
+//! marks left. When nothing is dirty a fresh sync point is sent and, once durable,
+//! recorded on both sides.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rampart_storage::{Marks, SyncPoint};
+use rustix::fs::OFlags;
+
+use crate::prim::engine::Engine;
+use crate::prim::Event;
+use crate::protocol::{Answer, Kind, Meta, Op, RelPath, Request};
+use crate::tree::{join, kind_of, read_at};
+
+/// A request answered after a tree walk or hashing a large file may take this long.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+const PROBE_CHUNK: usize = 1024;
+
+/// What reintegration reports while it runs.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ResyncProgress {
+    pub full: bool,
+    /// Files and directories looked at (listed, probed or hashed).
+    pub examined: u64,
+    pub zones_total: u64,
+    pub zones_sent: u64,
+    pub bytes_sent: u64,
+    pub paths_reconciled: u64,
+    pub elapsed_secs: f64,
+    /// Estimated seconds left at the current rate.
+    pub eta_secs: Option<f64>,
+    pub done: bool,
+}
+
+/// The outcome of comparing both trees in a full synchronisation.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FullPlan {
+    /// Entries only SECOND has (topmost only).
+    pub remove: Vec<RelPath>,
+    /// Entries whose kind or attributes differ, or that SECOND lacks.
+    pub reconcile: Vec<RelPath>,
+    /// Files SECOND lacks entirely: every zone is sent.
+    pub copy: Vec<RelPath>,
+    /// Files on both sides: compared zone by zone.
+    pub compare: Vec<RelPath>,
+}
+
+/// Compares both listings. Pure.
+pub fn plan_full(local: &[(RelPath, Meta)], remote: &[(RelPath, Meta)]) -> FullPlan {
+    let local_map: BTreeMap<&[u8], &Meta> = local.iter().map(|(p, m)| (&p[..], m)).collect();
+    let remote_map: BTreeMap<&[u8], &Meta> = remote.iter().map(|(p, m)| (&p[..], m)).collect();
+    let mut plan = FullPlan::default();
+    for (path, meta) in remote {
+        let stale = local_map.get(&path[..]).is_none_or(|l| l.kind != meta.kind);
+        let under_removed = plan
+            .remove
+            .last()
+            .is_some_and(|r| rampart_storage::book::is_within(path, r));
+        if stale && local_map.get(&path[..]).is_none() && !under_removed {
+            plan.remove.push(path.clone());
+        }
+    }
+    for (path, meta) in local {
+        match remote_map.get(&path[..]) {
+            None => {
+                plan.reconcile.push(path.clone());
+                if meta.kind == Kind::File {
+                    plan.copy.push(path.clone());
+                }
+            }
+            Some(remote) if remote.kind != meta.kind => {
+                plan.reconcile.push(path.clone());
+                if meta.kind == Kind::File {
+                    plan.copy.push(path.clone());
+                }
+            }
+            Some(remote) => {
+                if !same_attributes(meta, remote) {
+                    plan.reconcile.push(path.clone());
+                }
+                if meta.kind == Kind::File {
+                    plan.compare.push(path.clone());
+                }
+            }
+        }
+    }
+    plan
+}
+
+fn same_attributes(a: &Meta, b: &Meta) -> bool {
+    a.perm == b.perm
+        && a.uid == b.uid
+        && a.gid == b.gid
+        && a.size == b.size
+        && a.target == b.target
+        && a.rdev == b.rdev
+        && a.xattrs == b.xattrs
+        && (a.kind == Kind::Dir || a.mtime == b.mtime)
+}
+
+/// Zones whose hashes differ, plus zones only one side has.
+pub fn differing_zones(local: &[[u8; 32]], remote: &[[u8; 32]]) -> Vec<u64> {
+    (0..local.len())
+        .filter(|&i| remote.get(i) != Some(&local[i]))
+        .map(|i| i as u64)
+        .collect()
+}
+
+struct Copier<'a> {
+    engine: &'a Engine,
+    session: u64,
+    progress: ResyncProgress,
+    started: Instant,
+    /// Sent and not yet durable: (last sequence, marks it settles).
+    pending: VecDeque<(u64, Marks)>,
+    last_seq: u64,
+    bucket: TokenBucket,
+}
+
+/// Runs reintegration for `session` until the peer is in sync or the session ends.
+pub(crate) fn run(engine: &Engine, session: u64, full: bool) -> Result<(), String> {
+    let mut copier = Copier {
+        engine,
+        session,
+        progress: ResyncProgress {
+            full,
+            ..ResyncProgress::default()
+        },
+        started: Instant::now(),
+        pending: VecDeque::new(),
+        last_seq: 0,
+        bucket: TokenBucket::new(engine.config.resync_rate),
+    };
+    let result = copier.run(full);
+    if let Err(e) = &result {
+        engine.set_status(|s| s.last_error = Some(format!("reintegration: {e}")));
+    }
+    result
+}
+
+impl Copier<'_> {
+    fn run(&mut self, full: bool) -> Result<(), String> {
+        if full {
+            self.compare_trees()?;
+        }
+        let mut rounds = 0u32;
+        loop {
+            let dirty = self.engine.dirty();
+            if dirty.is_empty() {
+                let point = SyncPoint {
+                    id: rand::random(),
+                    epoch: self.engine.config.epoch,
+                };
+                let Some(seq) = self.engine.send_sync_point(self.session, point)? else {
+                    continue; // Something became dirty in between.
+                };
+                self.engine.wait_durable(self.session, seq)?;
+                self.engine
+                    .book
+                    .set_sync_point(Some(point))
+                    .and_then(|()| self.engine.book.journal_clear())
+                    .map_err(|e| e.to_string())?;
+                self.progress.done = true;
+                self.publish();
+                self.engine.release_parked();
+                self.engine.event(Event::Synced {
+                    bytes_sent: self.progress.bytes_sent,
+                    examined: self.progress.examined,
+                });
+                tracing::info!(
+                    bytes = self.progress.bytes_sent,
+                    examined = self.progress.examined,
+                    secs = self.started.elapsed().as_secs_f64(),
+                    "reintegration complete"
+                );
+                return Ok(());
+            }
+            if rounds > 0 {
+                // Work that keeps coming back (SECOND failing to apply it) is retried
+                // with a growing pause rather than in a tight loop.
+                std::thread::sleep(Duration::from_millis(100 * u64::from(rounds.min(50))));
+            }
+            rounds += 1;
+            self.progress.zones_total = self.progress.zones_sent + dirty.zone_count() as u64;
+            self.reconcile_paths(&dirty)?;
+            self.copy_zones(&dirty)?;
+            self.settle_all()?;
+        }
+    }
+
+    fn ask(&self, request: Request) -> Result<Answer, String> {
+        self.engine.ask(self.session, request, ANSWER_TIMEOUT)
+    }
+
+    fn compare_trees(&mut self) -> Result<(), String> {
+        let Answer::List(remote) = self.ask(Request::List { path: Vec::new() })? else {
+            return Err("the peer answered List with something else".into());
+        };
+        let engine = self.engine;
+        let local: Vec<_> = engine
+            .tree
+            .list(b"")
+            .map_err(|e| format!("listing the local tree: {e}"))?
+            .into_iter()
+            .filter(|(p, _)| !engine.not_replicated(p))
+            .collect();
+        let remote: Vec<_> = remote
+            .into_iter()
+            .filter(|(p, _)| !engine.not_replicated(p))
+            .collect();
+        self.progress.examined += (local.len() + remote.len()) as u64;
+        let plan = plan_full(&local, &remote);
+        for path in &plan.remove {
+            let path = path.clone();
+            self.send(Marks::default(), move |tree| {
+                Ok(tree
+                    .stat(&path)?
+                    .is_none()
+                    .then_some((Op::RemoveTree { path }, Vec::new())))
+            })?;
+        }
+        let mut work = Marks::default();
+        work.add_path(b"");
+        for path in &plan.reconcile {
+            work.add_path(path);
+        }
+        let zone_size = engine.config.zone_size;
+        let sizes: BTreeMap<&[u8], u64> = local.iter().map(|(p, m)| (&p[..], m.size)).collect();
+        for path in &plan.copy {
+            for zone in 0..sizes[&path[..]].div_ceil(zone_size) {
+                work.add_zone(path, zone);
+            }
+        }
+        for path in &plan.compare {
+            let Answer::Hashes(remote) = self.ask(Request::Hashes { path: path.clone() })? else {
+                return Err("the peer answered Hashes with something else".into());
+            };
+            let local = engine
+                .tree
+                .zone_hashes(path, zone_size)
+                .map_err(|e| format!("hashing {}: {e}", String::from_utf8_lossy(path)))?;
+            for zone in differing_zones(&local, &remote) {
+                work.add_zone(path, zone);
+            }
+            if local.len() != remote.len() {
+                work.add_path(path);
+            }
+        }
+        engine
+            .add_dirty(&work)
+            .map_err(|e| format!("recording reintegration work: errno {e}"))
+    }
+
+    /// Makes each marked path exist on SECOND as it does here.
+    fn reconcile_paths(&mut self, dirty: &Marks) -> Result<(), String> {
+        let engine = self.engine;
+        let paths: Vec<RelPath> = dirty
+            .paths
+            .iter()
+            .filter(|p| !engine.not_replicated(p))
+            .cloned()
+            .collect();
+        // Paths marked but excluded from replication are simply settled.
+        let excluded: Vec<RelPath> = dirty
+            .paths
+            .iter()
+            .filter(|p| engine.not_replicated(p))
+            .cloned()
+            .collect();
+        if !excluded.is_empty() {
+            let mut marks = Marks::default();
+            excluded.iter().for_each(|p| marks.add_path(p));
+            engine.clear_dirty(&marks);
+        }
+        for chunk in paths.chunks(PROBE_CHUNK) {
+            let Answer::Probe(remote) = self.ask(Request::Probe {
+                paths: chunk.to_vec(),
+            })?
+            else {
+                return Err("the peer answered Probe with something else".into());
+            };
+            self.progress.examined += chunk.len() as u64;
+            for (path, remote) in chunk.iter().zip(remote) {
+                self.reconcile_path(path, remote)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reconcile_path(&mut self, path: &RelPath, remote: Option<(Kind, u64)>) -> Result<(), String> {
+        let engine = self.engine;
+        let zone_size = engine.config.zone_size;
+        let mut settles = Marks::default();
+        settles.add_path(path);
+        let mut more = Marks::default();
+        let local = engine.tree.meta(path).map_err(|e| e.to_string())?;
+        {
+            let path = path.clone();
+            let more = &mut more;
+            self.send(settles, move |tree| match tree.meta(&path)? {
+                None => Ok(remote
+                    .is_some()
+                    .then_some((Op::RemoveTree { path }, Vec::new()))),
+                Some(meta) => {
+                    if meta.kind == Kind::File && remote.map(|r| r.0) != Some(Kind::File) {
+                        for zone in 0..meta.size.div_ceil(zone_size) {
+                            more.add_zone(&path, zone);
+                        }
+                    }
+                    Ok(Some((Op::Ensure { path, meta }, Vec::new())))
+                }
+            })?;
+        }
+        self.progress.paths_reconciled += 1;
+        if local.as_ref().is_some_and(|m| m.kind == Kind::Dir) {
+            let Answer::Children(remote_children) = self.ask(Request::Children {
+                path: path.clone(),
+            })?
+            else {
+                return Err("the peer answered Children with something else".into());
+            };
+            let local_children = engine.tree.children(path).map_err(|e| e.to_string())?;
+            let local_kinds: BTreeMap<&[u8], Kind> =
+                local_children.iter().map(|(n, k)| (&n[..], *k)).collect();
+            let remote_kinds: BTreeMap<&[u8], Kind> =
+                remote_children.iter().map(|(n, k)| (&n[..], *k)).collect();
+            for (name, kind) in &local_children {
+                if remote_kinds.get(&name[..]) != Some(kind) {
+                    more.add_path(&join(path, name));
+                }
+            }
+            for (name, _) in &remote_children {
+                if !local_kinds.contains_key(&name[..]) {
+                    let child = join(path, name);
+                    if engine.not_replicated(&child) {
+                        continue;
+                    }
+                    self.send(Marks::default(), move |tree| {
+                        Ok(tree
+                            .stat(&child)?
+                            .is_none()
+                            .then_some((Op::RemoveTree { path: child }, Vec::new())))
+                    })?;
+                }
+            }
+        }
+        if !more.is_empty() {
+            engine
+                .add_dirty(&more)
+                .map_err(|e| format!("recording reintegration work: errno {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Sends the current bytes of every marked zone.
+    fn copy_zones(&mut self, dirty: &Marks) -> Result<(), String> {
+        let zone_size = self.engine.config.zone_size;
+        for (path, zones) in &dirty.zones {
+            if self.engine.not_replicated(path) {
+                let mut marks = Marks::default();
+                zones.iter().for_each(|z| marks.add_zone(path, *z));
+                self.engine.clear_dirty(&marks);
+                continue;
+            }
+            self.progress.examined += 1;
+            for &zone in zones {
+                self.bucket.take(zone_size);
+                let mut settles = Marks::default();
+                settles.add_zone(path, zone);
+                let path = path.clone();
+                let sent = self.send(settles, move |tree| {
+                    let Some(stat) = tree.stat(&path)? else {
+                        return Ok(None);
+                    };
+                    if kind_of(stat.st_mode) != Kind::File {
+                        return Ok(None);
+                    }
+                    let size = stat.st_size as u64;
+                    let offset = zone * zone_size;
+                    let data = if offset < size {
+                        let fd = tree.open_at(&path, OFlags::RDONLY, 0)?;
+                        read_at(&fd, offset, zone_size as usize)?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok(Some((Op::Zone { path, offset, size }, data)))
+                })?;
+                self.progress.zones_sent += 1;
+                self.progress.bytes_sent += sent as u64;
+                self.settle_some();
+                self.publish();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what `read` returns (read under the order lock); `settles` is cleared once
+    /// SECOND durably holds it. Returns the bytes of data sent.
+    fn send(
+        &mut self,
+        settles: Marks,
+        read: impl FnOnce(&crate::tree::Tree) -> std::io::Result<Option<(Op, Vec<u8>)>>,
+    ) -> Result<usize, String> {
+        let mut sent = 0;
+        let seq = self.engine.send_current(self.session, |tree| {
+            let out = read(tree)?;
+            if let Some((_, data)) = &out {
+                sent = data.len();
+            }
+            Ok(out)
+        })?;
+        if let Some(seq) = seq {
+            self.last_seq = seq;
+        }
+        self.pending.push_back((self.last_seq, settles));
+        Ok(sent)
+    }
+
+    /// Clears the marks of everything SECOND already holds durably.
+    fn settle_some(&mut self) {
+        let durable = self.engine.status.lock().expect("status lock").durable;
+        let mut settled = Marks::default();
+        while let Some((seq, _)) = self.pending.front() {
+            if *seq > durable {
+                break;
+            }
+            let (_, marks) = self.pending.pop_front().expect("just peeked");
+            settled.extend(&marks);
+        }
+        if !settled.is_empty() {
+            self.engine.clear_dirty(&settled);
+        }
+    }
+
+    fn settle_all(&mut self) -> Result<(), String> {
+        self.engine.wait_durable(self.session, self.last_seq)?;
+        let mut settled = Marks::default();
+        for (_, marks) in self.pending.drain(..) {
+            settled.extend(&marks);
+        }
+        self.engine.clear_dirty(&settled);
+        self.publish();
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        self.progress.elapsed_secs = elapsed;
+        let left = self
+            .progress
+            .zones_total
+            .saturating_sub(self.progress.zones_sent);
+        self.progress.eta_secs = (self.progress.zones_sent > 0 && elapsed > 0.0)
+            .then(|| left as f64 * elapsed / self.progress.zones_sent as f64);
+        let progress = self.progress.clone();
+        self.engine.set_status(|s| s.resync = Some(progress));
+    }
+}
+
+/// Limits the copier to a byte rate (none when unset).
+struct TokenBucket {
+    rate: Option<u64>,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: Option<u64>) -> Self {
+        TokenBucket {
+            rate,
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, bytes: u64) {
+        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+            return;
+        };
+        let now = Instant::now();
+        // At most one second of burst.
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate as f64)
+            .min(rate as f64);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(-self.tokens / rate as f64));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Time;
+
+    fn meta(kind: Kind, size: u64) -> Meta {
+        Meta {
+            kind,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            size,
+            mtime: Time { secs: 1, nanos: 0 },
+            rdev: 0,
+            target: Vec::new(),
+            xattrs: Vec::new(),
+        }
+    }
+
+    fn p(s: &str) -> RelPath {
+        s.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn full_plan_removes_extra_trees_once_copies_missing_files_and_compares_the_rest() {
+        let local = vec![
+            (p("a"), meta(Kind::File, 10)),
+            (p("d"), meta(Kind::Dir, 0)),
+            (p("d/new"), meta(Kind::File, 5)),
+            (p("k"), meta(Kind::File, 1)),
+        ];
+        let mut changed = meta(Kind::File, 10);
+        changed.perm = 0o600;
+        let remote = vec![
+            (p("a"), changed),
+            (p("d"), meta(Kind::Dir, 0)),
+            (p("gone"), meta(Kind::Dir, 0)),
+            (p("gone/x"), meta(Kind::File, 3)),
+            (p("k"), meta(Kind::Dir, 0)),
+        ];
+        let plan = plan_full(&local, &remote);
+        assert_eq!(
+            plan,
+            FullPlan {
+                remove: vec![p("gone")],
+                reconcile: vec![p("a"), p("d/new"), p("k")],
+                copy: vec![p("d/new"), p("k")],
+                compare: vec![p("a")],
+            }
+        );
+    }
+
+    #[test]
+    fn differing_zones_include_zones_the_peer_lacks() {
+        let a = [[1u8; 32], [2; 32], [3; 32]];
+        let b = [[1u8; 32], [9; 32]];
+        assert_eq!(differing_zones(&a, &b), vec![1, 2]);
+        assert!(differing_zones(&a, &a).is_empty());
+    }
+}

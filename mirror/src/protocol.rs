@@ -1,0 +1,288 @@
+//! The replication stream's messages.
+//!
+//! One authenticated connection per mirrored directory, PRIM → SECOND. Every message
+//! from PRIM carries the mirror epoch it was decided under; SECOND refuses an epoch
+//! older than the newest it has seen (a deposed PRIM cannot write). Operations and
+//! requests share one sequence space and SECOND handles them strictly in order, so the
+//! live stream and the reintegration copier never overtake each other.
+//!
+//! Wire format of one frame: `header_len: u32 BE ‖ bincode(header) ‖ data`, where
+//! `data` is a write's bytes or an xattr's value, kept out of bincode so that bulk bytes
+//! are copied once.
+
+use rampart_storage::{JournalEntry, Marks, SyncPoint};
+use serde::{Deserialize, Serialize};
+
+/// Relative path inside the replicated directory: `/`-separated, no NUL, no `.`/`..`
+/// component, no leading `/`; empty for the directory itself.
+pub type RelPath = Vec<u8>;
+
+/// Seconds and nanoseconds since the epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// A time to set: now (on the applying node) or a given instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+/// Kind of a directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// Everything about one path but file contents: what reconciliation makes equal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub kind: Kind,
+    /// Permission bits, including setuid/setgid/sticky (no file type bits).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Bytes, for files; 0 otherwise.
+    pub size: u64,
+    pub mtime: Time,
+    /// Device number, for character and block devices.
+    pub rdev: u64,
+    /// Link target, for symlinks.
+    pub target: Vec<u8>,
+    /// Extended attributes, sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A change to the replicated tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// `pwrite(data, offset)`.
+    Write { path: RelPath, offset: u64 },
+    Truncate { path: RelPath, size: u64 },
+    /// Create a regular file (no error if it exists: a retried create).
+    Create { path: RelPath, perm: u32, uid: u32, gid: u32 },
+    Mknod { path: RelPath, kind: Kind, perm: u32, rdev: u64, uid: u32, gid: u32 },
+    Mkdir { path: RelPath, perm: u32, uid: u32, gid: u32 },
+    Unlink { path: RelPath },
+    Rmdir { path: RelPath },
+    Rename { from: RelPath, to: RelPath, flags: u32 },
+    Link { from: RelPath, to: RelPath },
+    Symlink { path: RelPath, target: Vec<u8>, uid: u32, gid: u32 },
+    /// Permission bits, owner (each part optional), times.
+    SetAttr {
+        path: RelPath,
+        perm: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    },
+    /// `setxattr(name, data, flags)`.
+    SetXattr { path: RelPath, name: Vec<u8>, flags: i32 },
+    RemoveXattr { path: RelPath, name: Vec<u8> },
+    Fallocate { path: RelPath, mode: i32, offset: u64, len: u64 },
+    /// The application asked for this file to be durable.
+    Fsync { path: RelPath, datasync: bool },
+    /// Reintegration: remove `path` and everything under it, if present.
+    RemoveTree { path: RelPath },
+    /// Reintegration: make `path` exist with this kind and these attributes (a file's
+    /// size included); replaces an entry of another kind.
+    Ensure { path: RelPath, meta: Meta },
+    /// Reintegration: one zone's current bytes at `offset` (data), then the file is
+    /// set to `size` bytes.
+    Zone { path: RelPath, offset: u64, size: u64 },
+}
+
+impl Op {
+    /// The path an error applying this operation is about.
+    pub fn path(&self) -> &[u8] {
+        match self {
+            Op::Write { path, .. }
+            | Op::Truncate { path, .. }
+            | Op::Create { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Unlink { path }
+            | Op::Rmdir { path }
+            | Op::Symlink { path, .. }
+            | Op::SetAttr { path, .. }
+            | Op::SetXattr { path, .. }
+            | Op::RemoveXattr { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::Fsync { path, .. }
+            | Op::RemoveTree { path }
+            | Op::Ensure { path, .. }
+            | Op::Zone { path, .. } => path,
+            Op::Rename { to, .. } | Op::Link { to, .. } => to,
+        }
+    }
+}
+
+/// A question PRIM asks SECOND during reintegration; answered in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Kind and size of each path (absent → `None`).
+    Probe { paths: Vec<RelPath> },
+    /// Every entry under `path` (recursive), with its metadata.
+    List { path: RelPath },
+    /// Names and kinds of a directory's entries (empty when it is not a directory).
+    Children { path: RelPath },
+    /// blake3 of every zone of a file.
+    Hashes { path: RelPath },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    Probe(Vec<Option<(Kind, u64)>>),
+    List(Vec<(RelPath, Meta)>),
+    Children(Vec<(Vec<u8>, Kind)>),
+    /// Empty when the file is absent or not a regular file.
+    Hashes(Vec<[u8; 32]>),
+}
+
+/// PRIM → SECOND.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Down {
+    /// First message of a session.
+    Hello {
+        epoch: u64,
+        zone_size: u64,
+        sync_point: Option<SyncPoint>,
+    },
+    /// Renames and links made while SECOND was away, replayed best-effort before the
+    /// live stream resumes (a failure is fine: the paths are reconciled afterwards).
+    Replay {
+        epoch: u64,
+        entries: Vec<JournalEntry>,
+    },
+    Op { epoch: u64, seq: u64, op: Op },
+    Ask { epoch: u64, seq: u64, request: Request },
+    /// Reintegration complete up to `seq`: SECOND records the sync point once everything
+    /// before it is durable, then acknowledges as usual.
+    SyncPoint { epoch: u64, seq: u64, point: SyncPoint },
+    /// Liveness when idle; answered by an `Ack`.
+    Ping,
+}
+
+/// SECOND → PRIM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Up {
+    /// Session accepted. `sync_point` is SECOND's; `overwrite` are zones and paths that
+    /// SECOND changed without PRIM knowing (its intents and dirty marks from a time it
+    /// was PRIM): PRIM must overwrite them.
+    Welcome {
+        sync_point: Option<SyncPoint>,
+        overwrite: Marks,
+    },
+    /// Session refused (older epoch, wrong zone size, …).
+    Refused { reason: String },
+    /// Every message up to `received` was read; up to `durable` applied and synced.
+    Ack { received: u64, durable: u64 },
+    /// Applying `seq` failed here although it succeeded on PRIM: the path diverged and
+    /// PRIM must reconcile it. Always sent before an `Ack` covering `seq`.
+    Failed { seq: u64, path: RelPath, error: String },
+    Answer { seq: u64, answer: Answer },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed replication frame: {0}")]
+pub struct DecodeError(String);
+
+/// Encodes `message` followed by `data` into one frame payload.
+pub fn encode<T: Serialize>(message: &T, data: &[u8]) -> Vec<u8> {
+    let header = bincode::serde::encode_to_vec(message, bincode::config::standard())
+        .expect("protocol messages always encode");
+    let mut frame = Vec::with_capacity(4 + header.len() + data.len());
+    frame.extend_from_slice(
+        &u32::try_from(header.len())
+            .expect("headers are small")
+            .to_be_bytes(),
+    );
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(data);
+    frame
+}
+
+/// Splits a frame payload into its message and the offset where its data starts.
+pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<(T, usize), DecodeError> {
+    let len: [u8; 4] = frame
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| DecodeError("shorter than its length prefix".into()))?;
+    let end = 4 + u32::from_be_bytes(len) as usize;
+    let header = frame
+        .get(4..end)
+        .ok_or_else(|| DecodeError("header longer than the frame".into()))?;
+    let (message, used) = bincode::serde::decode_from_slice(header, bincode::config::standard())
+        .map_err(|e| DecodeError(e.to_string()))?;
+    if used != header.len() {
+        return Err(DecodeError("trailing bytes in the header".into()));
+    }
+    Ok((message, end))
+}
+
+/// Checks a path received from the network before it is used on the local tree.
+pub fn validate_path(path: &[u8]) -> Result<(), String> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    if path.contains(&0) {
+        return Err("path contains NUL".into());
+    }
+    for component in path.split(|b| *b == b'/') {
+        if component.is_empty() || component == b"." || component == b".." {
+            return Err(format!(
+                "path {:?} has an empty, '.' or '..' component",
+                String::from_utf8_lossy(path)
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_round_trips_with_its_data() {
+        let message = Down::Op {
+            epoch: 3,
+            seq: 9,
+            op: Op::Write {
+                path: b"a/b".to_vec(),
+                offset: 4096,
+            },
+        };
+        let frame = encode(&message, b"bytes");
+        let (decoded, data_at) = decode::<Down>(&frame).unwrap();
+        assert_eq!(decoded, message);
+        assert_eq!(&frame[data_at..], b"bytes");
+    }
+
+    #[test]
+    fn truncated_or_garbage_frames_are_errors() {
+        assert!(decode::<Down>(&[0, 0]).is_err());
+        assert!(decode::<Down>(&[0, 0, 0, 9, 1]).is_err());
+        assert!(decode::<Down>(&[0, 0, 0, 1, 0xff]).is_err());
+    }
+
+    #[test]
+    fn network_paths_cannot_escape_the_tree() {
+        for bad in [&b"../x"[..], b"a/../../x", b"/abs", b"a//b", b"a/./b", b"a\0b", b"a/"] {
+            assert!(validate_path(bad).is_err(), "{bad:?}");
+        }
+        for good in [&b""[..], b"a", b"a/b.c/..d"] {
+            assert!(validate_path(good).is_ok(), "{good:?}");
+        }
+    }
+}
