@@ -1,0 +1,154 @@
+//! PRIM and SECOND on loopback with real FUSE mounts and real bookkeeping.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use rampart_mirror::AckMode;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_the_mount_reach_second() {
+    let mut pair = Pair::new(AckMode::Write);
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+
+    let a = pair.dir("a");
+    blocking(move || {
+        std::fs::create_dir(a.join("d")).unwrap();
+        std::fs::write(a.join("d/f"), vec![7u8; 300_000]).unwrap();
+        std::fs::write(a.join("g"), b"hello").unwrap();
+        std::fs::set_permissions(a.join("g"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink("d/f", a.join("s")).unwrap();
+        std::fs::rename(a.join("g"), a.join("d/g")).unwrap();
+        std::fs::hard_link(a.join("d/f"), a.join("h")).unwrap();
+        xattr_set(&a.join("d/f"), "user.k", b"v");
+        let f = std::fs::OpenOptions::new().write(true).open(a.join("d/f")).unwrap();
+        f.set_len(100_000).unwrap();
+        f.sync_all().unwrap();
+    })
+    .await;
+    // `write` mode: everything returned has been received; give the applier a moment.
+    let (a, b) = (pair.dir("a"), pair.dir("b"));
+    let a2 = a.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || std::panic::catch_unwind(|| assert_same_trees(&a2, &b)).is_ok()).await
+    );
+    assert!(assert_same_trees(&a, &pair.dir("b")) >= 5);
+    // SECOND's copy is read-only to applications.
+    let err = std::fs::write(pair.dir("b").join("x"), b"no").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+}
+
+pub fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let rc = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+fn synced_bytes(event: &rampart_mirror::prim::Event) -> u64 {
+    match event {
+        rampart_mirror::prim::Event::Synced { bytes_sent, .. } => *bytes_sent,
+        other => panic!("not a Synced event: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_second_receives_only_what_changed_while_it_was_away() {
+    let mut pair = Pair::new(AckMode::Write);
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+    let a = pair.dir("a");
+    blocking({
+        let a = a.clone();
+        move || {
+            for i in 0..20 {
+                std::fs::write(a.join(format!("f{i}")), vec![i as u8; 256 << 10]).unwrap();
+            }
+        }
+    })
+    .await;
+    // Let SECOND sync and PRIM clear its settled intents.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // SECOND dies; PRIM goes on alone.
+    drop(pair.second.take());
+    let zone = pair.zone_size as usize;
+    let changed = blocking({
+        let a = a.clone();
+        move || {
+            // Writes right after the loss wait for the link timeout, then go on alone.
+            write_at(&a.join("f3"), 0, &vec![0xAA; zone]);
+            write_at(&a.join("f3"), 2 * zone as u64, &vec![0xBB; 10]);
+            write_at(&a.join("f7"), 3 * zone as u64, &vec![0xCC; zone]);
+            std::fs::write(a.join("new"), vec![5u8; 100_000]).unwrap();
+            std::fs::remove_file(a.join("f1")).unwrap();
+            std::fs::rename(a.join("f2"), a.join("f2-renamed")).unwrap();
+            // Changed zones: f3 0 and 2, f7 3, new (two zones).
+            3 * zone as u64 + 100_000
+        }
+    })
+    .await;
+    pair.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, rampart_mirror::prim::Event::PeerLost { .. })
+    })
+    .await;
+
+    // SECOND returns on the same address.
+    pair.start_second("b", &addr.to_string()).await;
+    let event = pair.wait_synced().await;
+    let sent = synced_bytes(&event);
+    assert!(
+        sent >= changed && sent <= changed + 2 * zone as u64,
+        "sent {sent} bytes for {changed} changed"
+    );
+    assert_same_trees(&pair.dir("a"), &pair.dir("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_of_mostly_equal_trees_sends_only_differing_zones() {
+    let mut pair = Pair::new(AckMode::Write);
+    let zone = pair.zone_size as usize;
+    // Both copies hold the same 10 files; PRIM's differ in two zones; SECOND has an
+    // extra file and lacks one. No sync point on either side: a full sync.
+    for side in ["a", "b"] {
+        for i in 0..10 {
+            std::fs::write(pair.dir(side).join(format!("f{i}")), vec![i as u8; 8 * zone]).unwrap();
+        }
+    }
+    write_at(&pair.dir("a").join("f4"), 5 * zone as u64, &vec![1u8; 100]);
+    write_at(&pair.dir("a").join("f9"), 0, &vec![1u8; 100]);
+    std::fs::write(pair.dir("b").join("extra"), b"only on SECOND").unwrap();
+    std::fs::write(pair.dir("a").join("missing"), vec![3u8; zone / 2]).unwrap();
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    let sent = synced_bytes(&pair.wait_synced().await);
+    assert_eq!(sent, 2 * zone as u64 + (zone / 2) as u64);
+    assert_same_trees(&pair.dir("a"), &pair.dir("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_refuses_a_prim_of_an_older_epoch() {
+    let mut pair = Pair::new(AckMode::Write);
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.second.as_ref().unwrap().fence(5);
+    pair.start_prim(pair.prim_config("a", addr, 4));
+    let status = pair.prim.as_ref().unwrap().status();
+    assert!(!status.connected);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = pair.prim.as_ref().unwrap().status();
+    assert!(!status.connected);
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("older than epoch 5"), "{error}");
+}

@@ -1,0 +1,166 @@
+//! A PRIM and a SECOND on loopback, each with its own directory and book under a
+//! scratch folder on the real disk; unmounted and removed on drop, even when a test
+//! fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rampart_mirror::prim::{Event, PrimConfig, Primary};
+use rampart_mirror::second::{SecondConfig, Secondary};
+use rampart_mirror::tree::Tree;
+use rampart_mirror::AckMode;
+use rampart_raft::transport::ClusterKey;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+pub const SECRET: &[u8] = b"mirror test secret";
+
+pub struct Pair {
+    pub root: tempfile::TempDir,
+    pub prim: Option<Primary>,
+    pub events: Option<UnboundedReceiver<Event>>,
+    pub second: Option<Secondary>,
+    pub ack: AckMode,
+    pub zone_size: u64,
+}
+
+pub fn key() -> ClusterKey {
+    ClusterKey::from_secret(SECRET)
+}
+
+impl Pair {
+    /// Directories only; start the sides with [`Pair::start_second`] / [`Pair::start_prim`].
+    pub fn new(ack: AckMode) -> Pair {
+        std::fs::create_dir_all("/var/tmp/rampart-mirror-tests").unwrap();
+        let root = tempfile::Builder::new()
+            .prefix("pair")
+            .tempdir_in("/var/tmp/rampart-mirror-tests")
+            .unwrap();
+        for dir in ["a", "b", "a.book", "b.book"] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        }
+        Pair {
+            root,
+            prim: None,
+            events: None,
+            second: None,
+            ack,
+            zone_size: 64 << 10,
+        }
+    }
+
+    pub fn dir(&self, side: &str) -> PathBuf {
+        self.root.path().join(side)
+    }
+
+    pub async fn start_second(&mut self, side: &str, listen: &str) -> std::net::SocketAddr {
+        let second = Secondary::start(
+            SecondConfig {
+                dir: self.dir(side),
+                book: self.dir(&format!("{side}.book")),
+                key: key(),
+                zone_size: self.zone_size,
+                ack: self.ack,
+                protect: true,
+            },
+            listen,
+        )
+        .await
+        .unwrap();
+        let addr = second.addr();
+        self.second = Some(second);
+        addr
+    }
+
+    pub fn prim_config(&self, side: &str, peer: std::net::SocketAddr, epoch: u64) -> PrimConfig {
+        let mut config = PrimConfig::new(
+            self.dir(side),
+            self.dir(&format!("{side}.book")),
+            peer.to_string(),
+            key(),
+            epoch,
+        );
+        config.zone_size = self.zone_size;
+        config.ack = self.ack;
+        config.link_timeout = Duration::from_millis(1500);
+        config.continue_alone = true;
+        config
+    }
+
+    pub fn start_prim(&mut self, config: PrimConfig) {
+        let (prim, events) = Primary::start(config).unwrap();
+        self.prim = Some(prim);
+        self.events = Some(events);
+    }
+
+    /// Waits for an event matching `pred` (others are skipped), within `timeout`.
+    pub async fn wait_event(&mut self, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Event {
+        let events = self.events.as_mut().expect("PRIM started");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(event)) if pred(&event) => return event,
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("PRIM stopped"),
+                Err(_) => panic!("no matching event within {timeout:?}"),
+            }
+        }
+    }
+
+    pub async fn wait_synced(&mut self) -> Event {
+        self.wait_event(Duration::from_secs(60), |e| matches!(e, Event::Synced { .. }))
+            .await
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        drop(self.prim.take());
+        drop(self.second.take());
+    }
+}
+
+/// Runs blocking file work off the runtime (the FUSE replies come from its threads).
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Both trees hold the same entries, kinds, sizes, modes, owners, link targets,
+/// extended attributes and bytes. Returns the number of entries compared.
+pub fn assert_same_trees(a: &Path, b: &Path) -> usize {
+    let (ta, tb) = (Tree::open(a).unwrap(), Tree::open(b).unwrap());
+    let (la, lb) = (ta.list(b"").unwrap(), tb.list(b"").unwrap());
+    let names = |l: &[(Vec<u8>, rampart_mirror::protocol::Meta)]| {
+        l.iter()
+            .map(|(p, _)| String::from_utf8_lossy(p).into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&la), names(&lb), "entries differ");
+    for ((path, ma), (_, mb)) in la.iter().zip(&lb) {
+        let shown = String::from_utf8_lossy(path);
+        assert_eq!(ma.kind, mb.kind, "{shown}: kind");
+        assert_eq!(ma.perm, mb.perm, "{shown}: mode");
+        assert_eq!((ma.uid, ma.gid), (mb.uid, mb.gid), "{shown}: owner");
+        assert_eq!(ma.size, mb.size, "{shown}: size");
+        assert_eq!(ma.target, mb.target, "{shown}: symlink target");
+        assert_eq!(ma.xattrs, mb.xattrs, "{shown}: xattrs");
+        if ma.kind == rampart_mirror::protocol::Kind::File {
+            let ha = ta.zone_hashes(path, 1 << 20).unwrap();
+            let hb = tb.zone_hashes(path, 1 << 20).unwrap();
+            assert!(ha == hb, "{shown}: contents differ");
+        }
+    }
+    la.len()
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
