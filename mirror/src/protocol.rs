@@ -66,17 +66,56 @@ pub struct Meta {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// `pwrite(data, offset)`.
-    Write { path: RelPath, offset: u64 },
-    Truncate { path: RelPath, size: u64 },
+    Write {
+        path: RelPath,
+        offset: u64,
+    },
+    Truncate {
+        path: RelPath,
+        size: u64,
+    },
     /// Create a regular file (no error if it exists: a retried create).
-    Create { path: RelPath, perm: u32, uid: u32, gid: u32 },
-    Mknod { path: RelPath, kind: Kind, perm: u32, rdev: u64, uid: u32, gid: u32 },
-    Mkdir { path: RelPath, perm: u32, uid: u32, gid: u32 },
-    Unlink { path: RelPath },
-    Rmdir { path: RelPath },
-    Rename { from: RelPath, to: RelPath, flags: u32 },
-    Link { from: RelPath, to: RelPath },
-    Symlink { path: RelPath, target: Vec<u8>, uid: u32, gid: u32 },
+    Create {
+        path: RelPath,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Mknod {
+        path: RelPath,
+        kind: Kind,
+        perm: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    },
+    Mkdir {
+        path: RelPath,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Unlink {
+        path: RelPath,
+    },
+    Rmdir {
+        path: RelPath,
+    },
+    Rename {
+        from: RelPath,
+        to: RelPath,
+        flags: u32,
+    },
+    Link {
+        from: RelPath,
+        to: RelPath,
+    },
+    Symlink {
+        path: RelPath,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
     /// Permission bits, owner (each part optional), times.
     SetAttr {
         path: RelPath,
@@ -87,19 +126,43 @@ pub enum Op {
         mtime: Option<SetTime>,
     },
     /// `setxattr(name, data, flags)`.
-    SetXattr { path: RelPath, name: Vec<u8>, flags: i32 },
-    RemoveXattr { path: RelPath, name: Vec<u8> },
-    Fallocate { path: RelPath, mode: i32, offset: u64, len: u64 },
+    SetXattr {
+        path: RelPath,
+        name: Vec<u8>,
+        flags: i32,
+    },
+    RemoveXattr {
+        path: RelPath,
+        name: Vec<u8>,
+    },
+    Fallocate {
+        path: RelPath,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
     /// The application asked for this file to be durable.
-    Fsync { path: RelPath, datasync: bool },
+    Fsync {
+        path: RelPath,
+        datasync: bool,
+    },
     /// Reintegration: remove `path` and everything under it, if present.
-    RemoveTree { path: RelPath },
+    RemoveTree {
+        path: RelPath,
+    },
     /// Reintegration: make `path` exist with this kind and these attributes (a file's
     /// size included); replaces an entry of another kind.
-    Ensure { path: RelPath, meta: Meta },
+    Ensure {
+        path: RelPath,
+        meta: Meta,
+    },
     /// Reintegration: one zone's current bytes at `offset` (data), then the file is
     /// set to `size` bytes.
-    Zone { path: RelPath, offset: u64, size: u64 },
+    Zone {
+        path: RelPath,
+        offset: u64,
+        size: u64,
+    },
 }
 
 impl Op {
@@ -164,11 +227,23 @@ pub enum Down {
         epoch: u64,
         entries: Vec<JournalEntry>,
     },
-    Op { epoch: u64, seq: u64, op: Op },
-    Ask { epoch: u64, seq: u64, request: Request },
+    Op {
+        epoch: u64,
+        seq: u64,
+        op: Op,
+    },
+    Ask {
+        epoch: u64,
+        seq: u64,
+        request: Request,
+    },
     /// Reintegration complete up to `seq`: SECOND records the sync point once everything
     /// before it is durable, then acknowledges as usual.
-    SyncPoint { epoch: u64, seq: u64, point: SyncPoint },
+    SyncPoint {
+        epoch: u64,
+        seq: u64,
+        point: SyncPoint,
+    },
     /// Liveness when idle; answered by an `Ack`.
     Ping,
 }
@@ -184,13 +259,25 @@ pub enum Up {
         overwrite: Marks,
     },
     /// Session refused (older epoch, wrong zone size, …).
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// Every message up to `received` was read; up to `durable` applied and synced.
-    Ack { received: u64, durable: u64 },
+    Ack {
+        received: u64,
+        durable: u64,
+    },
     /// Applying `seq` failed here although it succeeded on PRIM: the path diverged and
     /// PRIM must reconcile it. Always sent before an `Ack` covering `seq`.
-    Failed { seq: u64, path: RelPath, error: String },
-    Answer { seq: u64, answer: Answer },
+    Failed {
+        seq: u64,
+        path: RelPath,
+        error: String,
+    },
+    Answer {
+        seq: u64,
+        answer: Answer,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,7 +365,15 @@ mod tests {
 
     #[test]
     fn network_paths_cannot_escape_the_tree() {
-        for bad in [&b"../x"[..], b"a/../../x", b"/abs", b"a//b", b"a/./b", b"a\0b", b"a/"] {
+        for bad in [
+            &b"../x"[..],
+            b"a/../../x",
+            b"/abs",
+            b"a//b",
+            b"a/./b",
+            b"a\0b",
+            b"a/",
+        ] {
             assert!(validate_path(bad).is_err(), "{bad:?}");
         }
         for good in [&b""[..], b"a", b"a/b.c/..d"] {

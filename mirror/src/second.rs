@@ -224,7 +224,12 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     };
     if let Some(reason) = refuse {
         writer
-            .send(&protocol::encode(&Up::Refused { reason: reason.clone() }, &[]))
+            .send(&protocol::encode(
+                &Up::Refused {
+                    reason: reason.clone(),
+                },
+                &[],
+            ))
             .await?;
         return Err(MirrorError::Refused(reason));
     }
@@ -447,7 +452,10 @@ fn apply_loop(
                         // Everything SECOND changed on its own has been overwritten.
                         let result = shared
                             .book
-                            .clear(MarkKind::Intent, &shared.book.marks(MarkKind::Intent).unwrap_or_default())
+                            .clear(
+                                MarkKind::Intent,
+                                &shared.book.marks(MarkKind::Intent).unwrap_or_default(),
+                            )
                             .and_then(|()| {
                                 shared.book.clear(
                                     MarkKind::Dirty,
@@ -522,7 +530,9 @@ fn sync(shared: &Shared, unsynced: &mut Unsynced, watermarks: &Watermarks) {
     let result = if paths.len() > 64 {
         shared.tree.sync_all()
     } else {
-        paths.iter().try_for_each(|path| sync_path(&shared.tree, path))
+        paths
+            .iter()
+            .try_for_each(|path| sync_path(&shared.tree, path))
     };
     if let Err(e) = result {
         // Not durable: the watermark stays, so PRIM keeps its intents.
@@ -531,7 +541,9 @@ fn sync(shared: &Shared, unsynced: &mut Unsynced, watermarks: &Watermarks) {
         return;
     }
     unsynced.since = None;
-    watermarks.durable.fetch_max(unsynced.last_seq, Ordering::SeqCst);
+    watermarks
+        .durable
+        .fetch_max(unsynced.last_seq, Ordering::SeqCst);
     watermarks.changed.notify_one();
     let mut status = shared.status.lock().expect("status lock");
     status.durable = watermarks.durable.load(Ordering::SeqCst);

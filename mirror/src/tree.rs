@@ -14,8 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rustix::fs::{
-    self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, Timespec,
-    Timestamps,
+    self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, Timespec, Timestamps,
 };
 
 use crate::protocol::{Kind, Meta, Op, RelPath, SetTime, Time};
@@ -530,7 +529,13 @@ impl Tree {
         .io()?;
         // chown clears setuid/setgid; the mode is set after it, exactly.
         if let Some(perm) = perm {
-            rfs::chmodat(parent, os(name), Mode::from_raw_mode(perm), AtFlags::empty()).io()?;
+            rfs::chmodat(
+                parent,
+                os(name),
+                Mode::from_raw_mode(perm),
+                AtFlags::empty(),
+            )
+            .io()?;
         }
         Ok(())
     }
@@ -669,7 +674,9 @@ impl Tree {
                     )
                     .io()?;
                 }
-                Kind::Dir => rfs::mkdirat(&parent, os(name), Mode::from_raw_mode(meta.perm)).io()?,
+                Kind::Dir => {
+                    rfs::mkdirat(&parent, os(name), Mode::from_raw_mode(meta.perm)).io()?
+                }
                 Kind::Symlink => rfs::symlinkat(os(&meta.target), &parent, os(name)).io()?,
                 kind => rfs::mknodat(
                     &parent,

@@ -16,20 +16,60 @@ const NAMES: [&str; 6] = ["a", "b", "d/a", "d/b", "d/e/a", "e"];
 
 #[derive(Clone, Debug)]
 enum FileOp {
-    Write { path: usize, offset: u64, len: usize, byte: u8 },
-    Truncate { path: usize, size: u64 },
-    Mkdir { path: usize },
-    Unlink { path: usize },
-    Rmdir { path: usize },
-    Rename { from: usize, to: usize, exchange: bool },
-    Link { from: usize, to: usize },
-    Symlink { path: usize, target: usize },
-    Chmod { path: usize, mode: u32 },
-    Chown { path: usize, uid: u32 },
-    SetXattr { path: usize, value: u8 },
-    RemoveXattr { path: usize },
-    Fallocate { path: usize, len: u64 },
-    Fsync { path: usize },
+    Write {
+        path: usize,
+        offset: u64,
+        len: usize,
+        byte: u8,
+    },
+    Truncate {
+        path: usize,
+        size: u64,
+    },
+    Mkdir {
+        path: usize,
+    },
+    Unlink {
+        path: usize,
+    },
+    Rmdir {
+        path: usize,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+        exchange: bool,
+    },
+    Link {
+        from: usize,
+        to: usize,
+    },
+    Symlink {
+        path: usize,
+        target: usize,
+    },
+    Chmod {
+        path: usize,
+        mode: u32,
+    },
+    Chown {
+        path: usize,
+        uid: u32,
+    },
+    SetXattr {
+        path: usize,
+        value: u8,
+    },
+    RemoveXattr {
+        path: usize,
+    },
+    Fallocate {
+        path: usize,
+        len: u64,
+    },
+    Fsync {
+        path: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = FileOp> {
@@ -61,7 +101,12 @@ fn op() -> impl Strategy<Value = FileOp> {
 fn apply(root: &Path, op: &FileOp) {
     let at = |i: usize| root.join(NAMES[i]);
     let _ = match op {
-        FileOp::Write { path, offset, len, byte } => std::fs::OpenOptions::new()
+        FileOp::Write {
+            path,
+            offset,
+            len,
+            byte,
+        } => std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
@@ -78,9 +123,19 @@ fn apply(root: &Path, op: &FileOp) {
             let (f, t) = (cstr(&at(*from)), cstr(&at(*to)));
             let flags = if *exchange { libc::RENAME_EXCHANGE } else { 0 };
             let rc = unsafe {
-                libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), flags)
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    f.as_ptr(),
+                    libc::AT_FDCWD,
+                    t.as_ptr(),
+                    flags,
+                )
             };
-            if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
         }
         FileOp::Link { from, to } => std::fs::hard_link(at(*from), at(*to)),
         FileOp::Symlink { path, target } => std::os::unix::fs::symlink(NAMES[*target], at(*path)),
@@ -90,13 +145,22 @@ fn apply(root: &Path, op: &FileOp) {
         FileOp::Chown { path, uid } => std::os::unix::fs::lchown(at(*path), Some(*uid), Some(*uid)),
         FileOp::SetXattr { path, value } => {
             let (p, n) = (cstr(&at(*path)), c"user.test");
-            let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), [*value].as_ptr().cast(), 1, 0) };
-            if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            let rc =
+                unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), [*value].as_ptr().cast(), 1, 0) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
         }
         FileOp::RemoveXattr { path } => {
             let (p, n) = (cstr(&at(*path)), c"user.test");
             let rc = unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) };
-            if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
         }
         FileOp::Fallocate { path, len } => std::fs::OpenOptions::new()
             .write(true)
@@ -104,7 +168,11 @@ fn apply(root: &Path, op: &FileOp) {
             .and_then(|f| {
                 use std::os::fd::AsRawFd;
                 let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, *len as i64) };
-                if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
             }),
         FileOp::Fsync { path } => std::fs::File::open(at(*path)).and_then(|f| f.sync_all()),
     };

@@ -25,7 +25,10 @@ async fn changes_through_the_mount_reach_second() {
         std::fs::rename(a.join("g"), a.join("d/g")).unwrap();
         std::fs::hard_link(a.join("d/f"), a.join("h")).unwrap();
         xattr_set(&a.join("d/f"), "user.k", b"v");
-        let f = std::fs::OpenOptions::new().write(true).open(a.join("d/f")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.join("d/f"))
+            .unwrap();
         f.set_len(100_000).unwrap();
         f.sync_all().unwrap();
     })
@@ -34,7 +37,11 @@ async fn changes_through_the_mount_reach_second() {
     let (a, b) = (pair.dir("a"), pair.dir("b"));
     let a2 = a.clone();
     assert!(
-        eventually(Duration::from_secs(5), || std::panic::catch_unwind(|| assert_same_trees(&a2, &b)).is_ok()).await
+        eventually(Duration::from_secs(5), || std::panic::catch_unwind(|| {
+            assert_same_trees(&a2, &b)
+        })
+        .is_ok())
+        .await
     );
     assert!(assert_same_trees(&a, &pair.dir("b")) >= 5);
     // SECOND's copy is read-only to applications.
@@ -46,7 +53,15 @@ pub fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
     use std::os::unix::ffi::OsStrExt;
     let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
-    let rc = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let rc = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
 }
 
@@ -90,7 +105,7 @@ async fn a_returning_second_receives_only_what_changed_while_it_was_away() {
         move || {
             // Writes right after the loss wait for the link timeout, then go on alone.
             write_at(&a.join("f3"), 0, &vec![0xAA; zone]);
-            write_at(&a.join("f3"), 2 * zone as u64, &vec![0xBB; 10]);
+            write_at(&a.join("f3"), 2 * zone as u64, &[0xBB; 10]);
             write_at(&a.join("f7"), 3 * zone as u64, &vec![0xCC; zone]);
             std::fs::write(a.join("new"), vec![5u8; 100_000]).unwrap();
             std::fs::remove_file(a.join("f1")).unwrap();
@@ -124,11 +139,15 @@ async fn a_full_sync_of_mostly_equal_trees_sends_only_differing_zones() {
     // extra file and lacks one. No sync point on either side: a full sync.
     for side in ["a", "b"] {
         for i in 0..10 {
-            std::fs::write(pair.dir(side).join(format!("f{i}")), vec![i as u8; 8 * zone]).unwrap();
+            std::fs::write(
+                pair.dir(side).join(format!("f{i}")),
+                vec![i as u8; 8 * zone],
+            )
+            .unwrap();
         }
     }
-    write_at(&pair.dir("a").join("f4"), 5 * zone as u64, &vec![1u8; 100]);
-    write_at(&pair.dir("a").join("f9"), 0, &vec![1u8; 100]);
+    write_at(&pair.dir("a").join("f4"), 5 * zone as u64, &[1u8; 100]);
+    write_at(&pair.dir("a").join("f9"), 0, &[1u8; 100]);
     std::fs::write(pair.dir("b").join("extra"), b"only on SECOND").unwrap();
     std::fs::write(pair.dir("a").join("missing"), vec![3u8; zone / 2]).unwrap();
     let addr = pair.start_second("b", "127.0.0.1:0").await;

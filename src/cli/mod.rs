@@ -6,6 +6,7 @@
 
 mod client;
 pub mod demo;
+mod mirror;
 mod output;
 
 use std::path::PathBuf;
@@ -77,6 +78,9 @@ pub enum Command {
     Stopstart(Operation),
     /// A module's state on a node; exit code STOP 0, WAIT 1, ALONE/UP 2, PRIM 3, SECOND 4.
     State(Operation),
+    /// Run or inspect one side of a replicated directory by hand.
+    #[command(subcommand)]
+    Mirror(mirror::MirrorCommand),
     /// A module's log on a node.
     Log {
         #[command(flatten)]
@@ -184,6 +188,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Mirror(command) => mirror::run(command).await,
         Command::Cluster(ClusterCommand::Secret { out }) => {
             write_secret(out)?;
             println!("wrote a new cluster secret to {}", out.display());

@@ -342,9 +342,8 @@ impl ReplicationBook {
             .iterator_cf(cf(&self.db, CF_JOURNAL), IteratorMode::Start)
         {
             let (_, value) = item?;
-            let (entry, _) =
-                bincode::serde::decode_from_slice(&value, bincode::config::standard())
-                    .map_err(|e| BookError::Corrupt(format!("journal entry: {e}")))?;
+            let (entry, _) = bincode::serde::decode_from_slice(&value, bincode::config::standard())
+                .map_err(|e| BookError::Corrupt(format!("journal entry: {e}")))?;
             entries.push(entry);
         }
         Ok(entries)

@@ -92,13 +92,35 @@ impl Touch {
     }
 }
 
+/// One recorded intent. A zone marked ahead of a sequential writer may never be
+/// written: only `written` intents the peer does not durably hold become dirty when the
+/// link fails.
+#[derive(Clone, Copy)]
+struct Intent {
+    /// The last sequence when it was recorded.
+    marked: u64,
+    /// The last change that touched it.
+    written: Option<u64>,
+}
+
+impl Intent {
+    /// The peer durably holds every change this intent covers.
+    fn settled(&self, durable: u64) -> bool {
+        self.written.unwrap_or(self.marked) <= durable
+    }
+
+    fn unsettled_write(&self, durable: u64) -> bool {
+        self.written.is_some_and(|seq| seq > durable)
+    }
+}
+
 /// Bookkeeping cache and sequence, under the order lock.
 #[derive(Default)]
 struct Order {
     last_seq: u64,
-    /// Intents recorded in the book, with the last sequence that touched each.
-    intent_zones: HashMap<(RelPath, u64), u64>,
-    intent_paths: HashMap<RelPath, u64>,
+    /// Intents recorded in the book.
+    intent_zones: HashMap<(RelPath, u64), Intent>,
+    intent_paths: HashMap<RelPath, Intent>,
     /// Mirror of the book's dirty set.
     dirty: Marks,
 }
@@ -266,14 +288,17 @@ impl Engine {
             tracing::error!("cannot record replication intents: {e}");
             libc::EIO
         })?;
-        let seq = order.last_seq;
+        let mark = Intent {
+            marked: order.last_seq,
+            written: None,
+        };
         for (path, zones) in new.zones {
             for zone in zones {
-                order.intent_zones.insert((path.clone(), zone), seq);
+                order.intent_zones.insert((path.clone(), zone), mark);
             }
         }
         for path in new.paths {
-            order.intent_paths.insert(path, seq);
+            order.intent_paths.insert(path, mark);
         }
         Ok(())
     }
@@ -523,17 +548,13 @@ impl Engine {
         link.in_flight.clear();
         link.in_flight_bytes = 0;
         link.answers.clear();
+        let durable = link.durable;
         let waiters = std::mem::take(&mut link.waiters);
         for (_, waiters) in waiters {
             link.parked.extend(waiters);
         }
         drop(link);
-        match self.book.intents_to_dirty() {
-            Ok(moved) => order.dirty.extend(&moved),
-            Err(e) => tracing::error!("cannot move intents to the dirty set: {e}"),
-        }
-        order.intent_zones.clear();
-        order.intent_paths.clear();
+        self.intents_to_dirty(&mut order, durable);
         drop(order);
         self.link_changed.notify_all();
         tracing::warn!("replication peer lost: {reason}");
@@ -545,6 +566,35 @@ impl Engine {
         let _ = self.events.send(Event::PeerLost { reason });
         if self.config.continue_alone {
             self.go_alone();
+        }
+    }
+
+    /// Written intents the peer does not durably hold become dirty; the others (settled,
+    /// or marked ahead and never written) are dropped.
+    fn intents_to_dirty(&self, order: &mut Order, durable: u64) {
+        let mut unsettled = Marks::default();
+        for ((path, zone), intent) in order.intent_zones.drain() {
+            if intent.unsettled_write(durable) {
+                unsettled.add_zone(&path, zone);
+            }
+        }
+        for (path, intent) in order.intent_paths.drain() {
+            if intent.unsettled_write(durable) {
+                unsettled.add_path(&path);
+            }
+        }
+        let moved = self.book.add(MarkKind::Dirty, &unsettled).and_then(|()| {
+            order.dirty.extend(&unsettled);
+            let recorded = self.book.marks(MarkKind::Intent)?;
+            self.book.clear(MarkKind::Intent, &recorded)
+        });
+        if let Err(e) = moved {
+            // Keep the conservative answer: every recorded intent is dirty.
+            tracing::error!("cannot move unsettled intents to the dirty set: {e}");
+            match self.book.intents_to_dirty() {
+                Ok(all) => order.dirty.extend(&all),
+                Err(e) => tracing::error!("cannot move intents to the dirty set: {e}"),
+            }
         }
     }
 
@@ -580,10 +630,7 @@ impl Engine {
             )
         };
         self.set_status(|s| s.phase = Phase::Fenced);
-        for waiter in parked
-            .into_iter()
-            .chain(waiters.into_values().flatten())
-        {
+        for waiter in parked.into_iter().chain(waiters.into_values().flatten()) {
             (waiter.done)(Err(libc::EIO));
         }
     }
@@ -607,19 +654,19 @@ impl Engine {
             link.durable
         };
         let mut settled = Marks::default();
-        order.intent_zones.retain(|(path, zone), seq| {
-            let keep = *seq > durable;
-            if !keep {
+        order.intent_zones.retain(|(path, zone), intent| {
+            let settle = intent.settled(durable);
+            if settle {
                 settled.add_zone(path, *zone);
             }
-            keep
+            !settle
         });
-        order.intent_paths.retain(|path, seq| {
-            let keep = *seq > durable;
-            if !keep {
+        order.intent_paths.retain(|path, intent| {
+            let settle = intent.settled(durable);
+            if settle {
                 settled.add_path(path);
             }
-            keep
+            !settle
         });
         if let Err(e) = self.book.clear(MarkKind::Intent, &settled) {
             tracing::warn!("cannot clear settled intents: {e}");
@@ -799,13 +846,17 @@ impl Change<'_> {
         match self.phase {
             Phase::Streaming => {
                 let touched = std::mem::take(&mut self.touch.marks);
+                let mark = Intent {
+                    marked: seq,
+                    written: Some(seq),
+                };
                 for (path, zones) in touched.zones {
                     for zone in zones {
-                        self.order.intent_zones.insert((path.clone(), zone), seq);
+                        self.order.intent_zones.insert((path.clone(), zone), mark);
                     }
                 }
                 for path in touched.paths {
-                    self.order.intent_paths.insert(path, seq);
+                    self.order.intent_paths.insert(path, mark);
                 }
                 let frame = protocol::encode(
                     &Down::Op {
@@ -844,9 +895,7 @@ impl Change<'_> {
 }
 
 fn rename_in(order: &mut Order, from: &[u8], to: &[u8]) {
-    let moved = |path: &[u8]| {
-        book::is_within(path, from).then(|| book::reroot(path, from, to))
-    };
+    let moved = |path: &[u8]| book::is_within(path, from).then(|| book::reroot(path, from, to));
     order.intent_zones = std::mem::take(&mut order.intent_zones)
         .into_iter()
         .map(|((path, zone), seq)| ((moved(&path).unwrap_or(path), zone), seq))

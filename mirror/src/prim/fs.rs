@@ -28,9 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{Mode, OFlags};
 
@@ -102,7 +102,10 @@ impl Inodes {
     /// The node for (parent, name), created if new; counts one lookup.
     fn lookup(&mut self, parent: u64, name: &[u8]) -> u64 {
         if let Some(&ino) = self.by_name.get(&(parent, name.to_vec())) {
-            self.nodes.get_mut(&ino).expect("by_name is consistent").lookups += 1;
+            self.nodes
+                .get_mut(&ino)
+                .expect("by_name is consistent")
+                .lookups += 1;
             return ino;
         }
         let ino = self.next;
@@ -131,7 +134,14 @@ impl Inodes {
         }
     }
 
-    fn rename(&mut self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], exchange: bool) {
+    fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        exchange: bool,
+    ) {
         let moving = self.by_name.remove(&(parent, name.to_vec()));
         let replaced = self.by_name.remove(&(new_parent, new_name.to_vec()));
         if let Some(ino) = moving {
@@ -319,7 +329,8 @@ impl MirrorFs {
         let ticket = change.commit(op, &data);
         match level {
             None => {
-                self.engine.wait(Ticket::Now, Level::Received, Box::new(|_| {}));
+                self.engine
+                    .wait(Ticket::Now, Level::Received, Box::new(|_| {}));
                 done(Ok(value));
             }
             Some(level) => self.engine.wait(
@@ -412,7 +423,9 @@ impl Filesystem for MirrorFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let stat = match fh.map(|fh| self.handle_fd(fh)) {
-            Some(Ok(fd)) => rustix::fs::fstat(fd.as_fd()).map_err(|e| Errno::from_i32(e.raw_os_error())),
+            Some(Ok(fd)) => {
+                rustix::fs::fstat(fd.as_fd()).map_err(|e| Errno::from_i32(e.raw_os_error()))
+            }
             _ => match self.path(ino) {
                 Ok(path) => match self.engine.tree.stat(&path) {
                     Ok(Some(stat)) => Ok(stat),
@@ -474,7 +487,14 @@ impl Filesystem for MirrorFs {
                             &[],
                         )?,
                     }
-                    Ok((Op::Truncate { path: op_path, size }, Vec::new(), ()))
+                    Ok((
+                        Op::Truncate {
+                            path: op_path,
+                            size,
+                        },
+                        Vec::new(),
+                        (),
+                    ))
                 },
                 move |result| {
                     let _ = tx.send(result);
@@ -485,7 +505,8 @@ impl Filesystem for MirrorFs {
             }
         }
         let engine = self.engine.clone();
-        let attrs = mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
+        let attrs =
+            mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
         let op = Op::SetAttr {
             path: path.clone(),
             perm: mode.map(|m| m & 0o7777),
@@ -545,7 +566,10 @@ impl Filesystem for MirrorFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.path(ino).and_then(|p| self.engine.tree.meta(&p).map_err(errno_of)) {
+        match self
+            .path(ino)
+            .and_then(|p| self.engine.tree.meta(&p).map_err(errno_of))
+        {
             Ok(Some(meta)) if meta.kind == Kind::Symlink => reply.data(&meta.target),
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(e),
@@ -687,8 +711,13 @@ impl Filesystem for MirrorFs {
             },
         );
         if applied.load(Ordering::SeqCst) {
-            self.inodes()
-                .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), exchange);
+            self.inodes().rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                exchange,
+            );
         }
     }
 
@@ -823,7 +852,12 @@ impl Filesystem for MirrorFs {
                 Err(e) => reply.error(errno_of(e)),
             };
         };
-        let touch = Touch::range(&path, offset, data.len() as u64, self.engine.config.zone_size);
+        let touch = Touch::range(
+            &path,
+            offset,
+            data.len() as u64,
+            self.engine.config.zone_size,
+        );
         let op = Op::Write {
             path: path.clone(),
             offset,
@@ -843,7 +877,14 @@ impl Filesystem for MirrorFs {
         );
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -870,7 +911,14 @@ impl Filesystem for MirrorFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let fd = self.handle_fd(fh).ok();
         self.sync(ino, fd, datasync, reply);
     }
@@ -907,21 +955,44 @@ impl Filesystem for MirrorFs {
         let all = dots
             .iter()
             .map(|(n, i)| (*n, FileType::Directory, *i))
-            .chain(dir.entries.iter().map(|(n, k, i)| (&n[..], file_type(*k), *i)));
+            .chain(
+                dir.entries
+                    .iter()
+                    .map(|(n, k, i)| (&n[..], file_type(*k), *i)),
+            );
         for (index, (name, kind, entry_ino)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(entry_ino.max(1)), index as u64 + 1, kind, OsStr::from_bytes(name)) {
+            if reply.add(
+                INodeNo(entry_ino.max(1)),
+                index as u64 + 1,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.dirs.lock().expect("dir lock").remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.sync(ino, None, datasync, reply);
     }
 
@@ -963,10 +1034,12 @@ impl Filesystem for MirrorFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self
-            .path(ino)
-            .and_then(|p| self.engine.tree.get_xattr(&p, name.as_bytes()).map_err(errno_of))
-        {
+        match self.path(ino).and_then(|p| {
+            self.engine
+                .tree
+                .get_xattr(&p, name.as_bytes())
+                .map_err(errno_of)
+        }) {
             Ok(value) if size == 0 => reply.size(value.len() as u32),
             Ok(value) if value.len() <= size as usize => reply.data(&value),
             Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
@@ -1102,7 +1175,8 @@ impl Filesystem for MirrorFs {
             (Ok(fd), Ok(path)) => (fd, path),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
-        let touch = Touch::path(&path).and_range(&path, offset, length, self.engine.config.zone_size);
+        let touch =
+            Touch::path(&path).and_range(&path, offset, length, self.engine.config.zone_size);
         let op = Op::Fallocate {
             path: path.clone(),
             mode,
@@ -1218,7 +1292,9 @@ impl MirrorFs {
                 Some(fd) => rustix::fs::fsync(fd.as_fd()),
                 None => match engine.tree.open_at(&path, OFlags::RDONLY, 0) {
                     Ok(fd) => rustix::fs::fsync(&fd),
-                    Err(e) => Err(rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))),
+                    Err(e) => Err(rustix::io::Errno::from_raw_os_error(
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                    )),
                 },
             };
             if let Err(e) = local {

@@ -105,14 +105,25 @@ impl Default for PrimStatus {
 /// What the caller (the mirror module) is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    PeerConnected { incremental: bool, peer: String },
+    PeerConnected {
+        incremental: bool,
+        peer: String,
+    },
     /// The peer stopped acknowledging; writes wait until [`Primary::go_alone`] or
     /// [`Primary::fence`].
-    PeerLost { reason: String },
+    PeerLost {
+        reason: String,
+    },
     /// The peer holds everything: it is up to date again.
-    Synced { bytes_sent: u64, examined: u64 },
+    Synced {
+        bytes_sent: u64,
+        examined: u64,
+    },
     /// SECOND failed to apply a change on `path`; it is being reconciled.
-    Diverged { path: String, error: String },
+    Diverged {
+        path: String,
+        error: String,
+    },
 }
 
 /// A running PRIM. Dropping it unmounts and stops streaming.
@@ -127,7 +138,9 @@ pub struct Primary {
 impl Primary {
     /// Opens the real directory, mounts the interception over it and starts streaming
     /// to the peer (reintegrating it first). Must be called inside a tokio runtime.
-    pub fn start(config: PrimConfig) -> Result<(Primary, amps::UnboundedReceiver<Event>), MirrorError> {
+    pub fn start(
+        config: PrimConfig,
+    ) -> Result<(Primary, amps::UnboundedReceiver<Event>), MirrorError> {
         let tree = Tree::open(&config.dir).map_err(MirrorError::io("open the replicated dir"))?;
         let book = ReplicationBook::open(&config.book)?;
         let (events_tx, events) = amps::unbounded_channel();

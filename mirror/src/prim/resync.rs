@@ -69,7 +69,7 @@ pub fn plan_full(local: &[(RelPath, Meta)], remote: &[(RelPath, Meta)]) -> FullP
             .remove
             .last()
             .is_some_and(|r| rampart_storage::book::is_within(path, r));
-        if stale && local_map.get(&path[..]).is_none() && !under_removed {
+        if stale && !local_map.contains_key(&path[..]) && !under_removed {
             plan.remove.push(path.clone());
         }
     }
@@ -300,7 +300,11 @@ impl Copier<'_> {
         Ok(())
     }
 
-    fn reconcile_path(&mut self, path: &RelPath, remote: Option<(Kind, u64)>) -> Result<(), String> {
+    fn reconcile_path(
+        &mut self,
+        path: &RelPath,
+        remote: Option<(Kind, u64)>,
+    ) -> Result<(), String> {
         let engine = self.engine;
         let zone_size = engine.config.zone_size;
         let mut settles = Marks::default();
@@ -326,9 +330,8 @@ impl Copier<'_> {
         }
         self.progress.paths_reconciled += 1;
         if local.as_ref().is_some_and(|m| m.kind == Kind::Dir) {
-            let Answer::Children(remote_children) = self.ask(Request::Children {
-                path: path.clone(),
-            })?
+            let Answer::Children(remote_children) =
+                self.ask(Request::Children { path: path.clone() })?
             else {
                 return Err("the peer answered Children with something else".into());
             };

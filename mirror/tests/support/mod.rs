@@ -108,8 +108,10 @@ impl Pair {
     }
 
     pub async fn wait_synced(&mut self) -> Event {
-        self.wait_event(Duration::from_secs(60), |e| matches!(e, Event::Synced { .. }))
-            .await
+        self.wait_event(Duration::from_secs(60), |e| {
+            matches!(e, Event::Synced { .. })
+        })
+        .await
     }
 }
 

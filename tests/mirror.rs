@@ -1,0 +1,351 @@
+//! The mirror data plane as separate processes (`rampart mirror prim|second`) on
+//! loopback, with real applications on PRIM's mount: fio with verification, stress-ng's
+//! file-system stressors, SQLite; and PRIM killed with writes in flight.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rampart");
+
+/// A `rampart mirror` process; killed on drop. Its stdout lines (JSON events) are
+/// collected for [`Side::wait_for`].
+struct Side {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    dir: PathBuf,
+}
+
+impl Side {
+    fn spawn(args: &[&str], dir: &Path) -> Side {
+        let mut child = Command::new(BIN)
+            .arg("mirror")
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Side {
+            child,
+            lines,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no {needle:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // A killed PRIM leaves a dead FUSE mount; a killed SECOND its read-only bind.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    fn terminate(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Setup {
+    root: tempfile::TempDir,
+    secret: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        std::fs::create_dir_all("/var/tmp/rampart-mirror-tests").unwrap();
+        let root = tempfile::Builder::new()
+            .prefix("proc")
+            .tempdir_in("/var/tmp/rampart-mirror-tests")
+            .unwrap();
+        for dir in ["a", "b", "a.book", "b.book"] {
+            std::fs::create_dir(root.path().join(dir)).unwrap();
+        }
+        let secret = root.path().join("secret");
+        std::fs::write(&secret, "mirror process test").unwrap();
+        Setup { root, secret }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    fn second(&self, side: &str, port: u16, epoch: u64) -> Side {
+        let dir = self.path(side);
+        let s = Side::spawn(
+            &[
+                "second",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--book",
+                self.path(&format!("{side}.book")).to_str().unwrap(),
+                "--secret-file",
+                self.secret.to_str().unwrap(),
+                "--zone-size",
+                "65536",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--epoch",
+                &epoch.to_string(),
+            ],
+            &dir,
+        );
+        s.wait_for("listening", Duration::from_secs(10));
+        s
+    }
+
+    fn prim(&self, side: &str, port: u16, epoch: u64) -> Side {
+        let dir = self.path(side);
+        let s = Side::spawn(
+            &[
+                "prim",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--book",
+                self.path(&format!("{side}.book")).to_str().unwrap(),
+                "--secret-file",
+                self.secret.to_str().unwrap(),
+                "--zone-size",
+                "65536",
+                "--peer",
+                &format!("127.0.0.1:{port}"),
+                "--epoch",
+                &epoch.to_string(),
+                "--link-timeout",
+                "1s",
+            ],
+            &dir,
+        );
+        s.wait_for("mounted", Duration::from_secs(10));
+        s
+    }
+
+    fn verify(&self) -> (bool, String) {
+        let out = Command::new(BIN)
+            .args(["mirror", "verify"])
+            .arg(self.path("a"))
+            .arg(self.path("b"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn fio_and_stress_ng_on_prim_leave_a_verified_copy_on_second() {
+    let setup = Setup::new();
+    let port = free_port();
+    let _second = setup.second("b", port, 0);
+    let mut prim = setup.prim("a", port, 1);
+    prim.wait_for("Synced", Duration::from_secs(30));
+    let a = setup.path("a");
+
+    // fio writes with checksums, reads them back through the mount and checks them.
+    run(Command::new("fio").current_dir(&a).args([
+        "--name=verify",
+        "--rw=randwrite",
+        "--bs=4k,64k",
+        "--size=24M",
+        "--ioengine=psync",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--fsync=64",
+        "--numjobs=2",
+        "--group_reporting",
+    ]));
+    // stress-ng's file-system stressors, bounded in time and operations.
+    let stress = a.join("stress");
+    std::fs::create_dir(&stress).unwrap();
+    run(Command::new("stress-ng").current_dir(&stress).args([
+        "--temp-path",
+        ".",
+        "--dir",
+        "1",
+        "--dir-ops",
+        "200",
+        "--rename",
+        "1",
+        "--rename-ops",
+        "2000",
+        "--link",
+        "1",
+        "--link-ops",
+        "200",
+        "--symlink",
+        "1",
+        "--symlink-ops",
+        "200",
+        "--chmod",
+        "1",
+        "--chmod-ops",
+        "200",
+        "--fallocate",
+        "1",
+        "--fallocate-ops",
+        "50",
+        "--hdd",
+        "1",
+        "--hdd-ops",
+        "200",
+        "--xattr",
+        "1",
+        "--xattr-ops",
+        "200",
+        "--timeout",
+        "20s",
+    ]));
+    // Everything acknowledged reached SECOND; after its periodic sync, the copies match
+    // byte for byte.
+    prim.terminate();
+    let (same, report) = setup.verify();
+    assert!(same, "copies differ after fio and stress-ng:\n{report}");
+}
+
+#[test]
+fn sqlite_on_prim_leaves_a_consistent_database_on_second() {
+    let setup = Setup::new();
+    let port = free_port();
+    let _second = setup.second("b", port, 0);
+    let mut prim = setup.prim("a", port, 1);
+    prim.wait_for("Synced", Duration::from_secs(30));
+    let db = setup.path("a").join("app.db");
+    // 400 transactions of 50 rows each, in rollback-journal mode with full syncs.
+    let script = r#"
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute("pragma journal_mode=delete")
+db.execute("pragma synchronous=full")
+db.execute("create table t(id integer primary key, tx int, payload text)")
+for tx in range(400):
+    with db:
+        db.executemany("insert into t(tx, payload) values (?, ?)",
+                       [(tx, "x" * (tx % 300)) for _ in range(50)])
+    if tx % 50 == 0:
+        with db:
+            db.execute("delete from t where tx = ?", (tx // 2,))
+print(db.execute("select count(*) from t").fetchone()[0])
+"#;
+    let count = run(Command::new("python3").args(["-c", script]).arg(&db));
+    prim.terminate();
+    // SECOND's copy, opened read-only from its protected directory.
+    let copy = setup.path("b").join("app.db");
+    let check = r#"
+import sqlite3, sys
+db = sqlite3.connect("file:" + sys.argv[1] + "?mode=ro&immutable=1", uri=True)
+print(db.execute("pragma integrity_check").fetchone()[0])
+print(db.execute("select count(*) from t").fetchone()[0])
+"#;
+    let out = run(Command::new("python3").args(["-c", check]).arg(&copy));
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("ok"), "integrity check on SECOND: {out}");
+    assert_eq!(lines.next(), Some(count.trim()));
+}
+
+#[test]
+fn prim_killed_with_writes_in_flight_is_overwritten_when_it_returns_as_second() {
+    let setup = Setup::new();
+    let (port_b, port_a) = (free_port(), free_port());
+    // Node A is PRIM (epoch 1), node B SECOND.
+    let mut second_b = setup.second("b", port_b, 0);
+    let mut prim_a = setup.prim("a", port_b, 1);
+    prim_a.wait_for("Synced", Duration::from_secs(30));
+    let a = setup.path("a");
+    for i in 0..8 {
+        std::fs::write(a.join(format!("f{i}")), vec![i as u8; 512 << 10]).unwrap();
+    }
+    // A writer keeps rewriting zones; PRIM is killed under it.
+    let writer = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let mut round = 0u64;
+            loop {
+                round += 1;
+                let Ok(f) = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(a.join(format!("f{}", round % 8)))
+                else {
+                    return round;
+                };
+                if f.write_all_at(
+                    &vec![(round % 251) as u8; 100_000],
+                    (round * 7919) % 400_000,
+                )
+                .is_err()
+                {
+                    return round;
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    prim_a.kill();
+    let rounds = writer.join().unwrap();
+    assert!(rounds > 10, "the writer made progress ({rounds} writes)");
+
+    // B becomes PRIM in epoch 2; A returns as its SECOND.
+    second_b.terminate();
+    let _second_a = setup.second("a", port_a, 0);
+    let mut prim_b = setup.prim("b", port_a, 2);
+    let synced = prim_b.wait_for("Synced", Duration::from_secs(60));
+    assert!(synced.contains("Synced"));
+    prim_b.terminate();
+    let (same, report) = setup.verify();
+    assert!(
+        same,
+        "copies differ after the returning node was reintegrated:\n{report}"
+    );
+}
