@@ -190,7 +190,7 @@ fn fio_and_stress_ng_on_prim_leave_a_verified_copy_on_second() {
     let port = free_port();
     let _second = setup.second("b", port, 0);
     let mut prim = setup.prim("a", port, 1);
-    prim.wait_for("Synced", Duration::from_secs(30));
+    prim.wait_for(r#""synced""#, Duration::from_secs(30));
     let a = setup.path("a");
 
     // fio writes with checksums, reads them back through the mount and checks them.
@@ -260,7 +260,7 @@ fn sqlite_on_prim_leaves_a_consistent_database_on_second() {
     let port = free_port();
     let _second = setup.second("b", port, 0);
     let mut prim = setup.prim("a", port, 1);
-    prim.wait_for("Synced", Duration::from_secs(30));
+    prim.wait_for(r#""synced""#, Duration::from_secs(30));
     let db = setup.path("a").join("app.db");
     // 400 transactions of 50 rows each, in rollback-journal mode with full syncs.
     let script = r#"
@@ -301,7 +301,7 @@ fn prim_killed_with_writes_in_flight_is_overwritten_when_it_returns_as_second() 
     // Node A is PRIM (epoch 1), node B SECOND.
     let mut second_b = setup.second("b", port_b, 0);
     let mut prim_a = setup.prim("a", port_b, 1);
-    prim_a.wait_for("Synced", Duration::from_secs(30));
+    prim_a.wait_for(r#""synced""#, Duration::from_secs(30));
     let a = setup.path("a");
     for i in 0..8 {
         std::fs::write(a.join(format!("f{i}")), vec![i as u8; 512 << 10]).unwrap();
@@ -340,8 +340,8 @@ fn prim_killed_with_writes_in_flight_is_overwritten_when_it_returns_as_second() 
     second_b.terminate();
     let _second_a = setup.second("a", port_a, 0);
     let mut prim_b = setup.prim("b", port_a, 2);
-    let synced = prim_b.wait_for("Synced", Duration::from_secs(60));
-    assert!(synced.contains("Synced"));
+    let synced = prim_b.wait_for(r#""synced""#, Duration::from_secs(60));
+    assert!(synced.contains(r#""bytes_sent""#));
     prim_b.terminate();
     let (same, report) = setup.verify();
     assert!(

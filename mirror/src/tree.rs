@@ -206,6 +206,32 @@ impl Tree {
         }
     }
 
+    /// An [`Op::Zone`] carrying zone `zone` of the file at `path` as it is now, or `None`
+    /// when `path` is not a file.
+    pub fn zone(
+        &self,
+        path: &[u8],
+        zone: u64,
+        zone_size: u64,
+    ) -> io::Result<Option<(Op, Vec<u8>)>> {
+        let Some(stat) = self.stat(path)? else {
+            return Ok(None);
+        };
+        if kind_of(stat.st_mode) != Kind::File {
+            return Ok(None);
+        }
+        let size = stat.st_size as u64;
+        let offset = zone * zone_size;
+        let data = if offset < size {
+            let fd = self.open_at(path, OFlags::RDONLY, 0)?;
+            read_at(&fd, offset, zone_size as usize)?
+        } else {
+            Vec::new()
+        };
+        let path = path.to_vec();
+        Ok(Some((Op::Zone { path, offset, size }, data)))
+    }
+
     /// Everything about a path but its contents, or `None` when it does not exist.
     pub fn meta(&self, path: &[u8]) -> io::Result<Option<Meta>> {
         let Some(stat) = self.stat(path)? else {

@@ -144,7 +144,7 @@ pub async fn run(command: &MirrorCommand) -> anyhow::Result<ExitCode> {
             emit(serde_json::json!({"event": "mounted", "dir": args.common.dir}));
             let printer = tokio::spawn(async move {
                 while let Some(event) = events.recv().await {
-                    emit(serde_json::json!({"event": format!("{event:?}")}));
+                    emit(serde_json::to_value(&event).expect("events serialize"));
                 }
             });
             until_signal().await?;

@@ -858,23 +858,31 @@ impl Filesystem for MirrorFs {
             data.len() as u64,
             self.engine.config.zone_size,
         );
-        let op = Op::Write {
-            path: path.clone(),
-            offset,
-        };
-        self.change(
-            &path,
-            touch,
-            self.engine.write_level(),
-            move || {
-                write_all_at(fd.as_fd(), data, offset)?;
-                Ok((op, data.to_vec(), ()))
-            },
-            move |result| match result {
+        if self.engine.not_replicated(&path) {
+            return match write_all_at(fd.as_fd(), data, offset) {
                 Ok(()) => reply.written(len),
-                Err(e) => reply.error(e),
+                Err(e) => reply.error(errno_of(e)),
+            };
+        }
+        let change = match self.engine.begin(touch) {
+            Ok(change) => change,
+            Err(errno) => return reply.error(Errno::from_i32(errno)),
+        };
+        let op = Op::Write { path, offset };
+        match change.write_ahead(op, data, || write_all_at(fd.as_fd(), data, offset)) {
+            Ok(ticket) => match self.engine.write_level() {
+                None => reply.written(len),
+                Some(level) => self.engine.wait(
+                    ticket,
+                    level,
+                    Box::new(move |result| match result {
+                        Ok(()) => reply.written(len),
+                        Err(errno) => reply.error(Errno::from_i32(errno)),
+                    }),
+                ),
             },
-        );
+            Err(e) => reply.error(errno_of(e)),
+        }
     }
 
     fn flush(

@@ -103,7 +103,8 @@ impl Default for PrimStatus {
 }
 
 /// What the caller (the mirror module) is told.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     PeerConnected {
         incremental: bool,

@@ -18,12 +18,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rampart_storage::{Marks, SyncPoint};
-use rustix::fs::OFlags;
 
 use crate::prim::engine::Engine;
 use crate::prim::Event;
 use crate::protocol::{Answer, Kind, Meta, Op, RelPath, Request};
-use crate::tree::{join, kind_of, read_at};
+use crate::tree::join;
 
 /// A request answered after a tree walk or hashing a large file may take this long.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
@@ -384,23 +383,7 @@ impl Copier<'_> {
                 let mut settles = Marks::default();
                 settles.add_zone(path, zone);
                 let path = path.clone();
-                let sent = self.send(settles, move |tree| {
-                    let Some(stat) = tree.stat(&path)? else {
-                        return Ok(None);
-                    };
-                    if kind_of(stat.st_mode) != Kind::File {
-                        return Ok(None);
-                    }
-                    let size = stat.st_size as u64;
-                    let offset = zone * zone_size;
-                    let data = if offset < size {
-                        let fd = tree.open_at(&path, OFlags::RDONLY, 0)?;
-                        read_at(&fd, offset, zone_size as usize)?
-                    } else {
-                        Vec::new()
-                    };
-                    Ok(Some((Op::Zone { path, offset, size }, data)))
-                })?;
+                let sent = self.send(settles, move |tree| tree.zone(&path, zone, zone_size))?;
                 self.progress.zones_sent += 1;
                 self.progress.bytes_sent += sent as u64;
                 self.settle_some();
