@@ -201,6 +201,9 @@ pub enum Request {
     Children { path: RelPath },
     /// blake3 of every zone of a file.
     Hashes { path: RelPath },
+    /// Make everything applied so far durable now (the copier's settle point, rather
+    /// than waiting for SECOND's periodic sync).
+    Sync,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +213,7 @@ pub enum Answer {
     Children(Vec<(Vec<u8>, Kind)>),
     /// Empty when the file is absent or not a regular file.
     Hashes(Vec<[u8; 32]>),
+    Synced,
 }
 
 /// PRIM → SECOND.

@@ -421,10 +421,16 @@ fn apply_loop(
                         note_unsynced(&mut unsynced, &op, seq);
                     }
                     Down::Ask { seq, request, .. } => {
-                        let answer = answer(tree, shared.config.zone_size, &request);
-                        let _ = up.send(Up::Answer { seq, answer });
                         unsynced.last_seq = seq;
                         unsynced.since.get_or_insert_with(Instant::now);
+                        let answer = match request {
+                            Request::Sync => {
+                                sync(shared, &mut unsynced, watermarks);
+                                Answer::Synced
+                            }
+                            request => answer(tree, shared.config.zone_size, &request),
+                        };
+                        let _ = up.send(Up::Answer { seq, answer });
                     }
                     Down::Replay { entries, .. } => {
                         write_cache = None;
@@ -593,6 +599,7 @@ fn answer(tree: &Tree, zone_size: u64, request: &Request) -> Answer {
                 .and_then(|()| tree.zone_hashes(path, zone_size).ok())
                 .unwrap_or_default(),
         ),
+        Request::Sync => Answer::Synced,
     }
 }
 

@@ -92,6 +92,11 @@ impl Touch {
     }
 }
 
+/// Settled intents touched more recently than this stay recorded: a zone written again
+/// soon does not pay a synced bookkeeping write each time (DRBD's activity log keeps
+/// hot extents for the same reason). The price is resending them after a crash.
+const INTENT_LINGER: Duration = Duration::from_secs(5);
+
 /// One recorded intent. A zone marked ahead of a sequential writer may never be
 /// written: only `written` intents the peer does not durably hold become dirty when the
 /// link fails.
@@ -101,12 +106,13 @@ struct Intent {
     marked: u64,
     /// The last change that touched it.
     written: Option<u64>,
+    touched: Instant,
 }
 
 impl Intent {
-    /// The peer durably holds every change this intent covers.
+    /// The peer durably holds every change this intent covers, and it is not hot.
     fn settled(&self, durable: u64) -> bool {
-        self.written.unwrap_or(self.marked) <= durable
+        self.written.unwrap_or(self.marked) <= durable && self.touched.elapsed() > INTENT_LINGER
     }
 
     fn unsettled_write(&self, durable: u64) -> bool {
@@ -291,6 +297,7 @@ impl Engine {
         let mark = Intent {
             marked: order.last_seq,
             written: None,
+            touched: Instant::now(),
         };
         for (path, zones) in new.zones {
             for zone in zones {
@@ -897,6 +904,7 @@ impl Change<'_> {
                 let mark = Intent {
                     marked: seq,
                     written: Some(seq),
+                    touched: Instant::now(),
                 };
                 for (path, zones) in touched.zones {
                     for zone in zones {

@@ -14,7 +14,7 @@
 //! marks left. When nothing is dirty a fresh sync point is sent and, once durable,
 //! recorded on both sides.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use rampart_storage::{Marks, SyncPoint};
@@ -127,6 +127,8 @@ struct Copier<'a> {
     pending: VecDeque<(u64, Marks)>,
     last_seq: u64,
     bucket: TokenBucket,
+    /// Paths looked at, for [`ResyncProgress::examined`].
+    examined: HashSet<RelPath>,
 }
 
 /// Runs reintegration for `session` until the peer is in sync or the session ends.
@@ -142,6 +144,7 @@ pub(crate) fn run(engine: &Engine, session: u64, full: bool) -> Result<(), Strin
         pending: VecDeque::new(),
         last_seq: 0,
         bucket: TokenBucket::new(engine.config.resync_rate),
+        examined: HashSet::new(),
     };
     let result = copier.run(full);
     if let Err(e) = &result {
@@ -220,7 +223,9 @@ impl Copier<'_> {
             .into_iter()
             .filter(|(p, _)| !engine.not_replicated(p))
             .collect();
-        self.progress.examined += (local.len() + remote.len()) as u64;
+        for (path, _) in local.iter().chain(&remote) {
+            self.examine(path);
+        }
         let plan = plan_full(&local, &remote);
         for path in &plan.remove {
             let path = path.clone();
@@ -291,7 +296,7 @@ impl Copier<'_> {
             else {
                 return Err("the peer answered Probe with something else".into());
             };
-            self.progress.examined += chunk.len() as u64;
+            chunk.iter().for_each(|path| self.examine(path));
             for (path, remote) in chunk.iter().zip(remote) {
                 self.reconcile_path(path, remote)?;
             }
@@ -377,7 +382,7 @@ impl Copier<'_> {
                 self.engine.clear_dirty(&marks);
                 continue;
             }
-            self.progress.examined += 1;
+            self.examine(path);
             for &zone in zones {
                 self.bucket.take(zone_size);
                 let mut settles = Marks::default();
@@ -432,6 +437,11 @@ impl Copier<'_> {
     }
 
     fn settle_all(&mut self) -> Result<(), String> {
+        if !self.pending.is_empty() {
+            let Answer::Synced = self.ask(Request::Sync)? else {
+                return Err("the peer answered Sync with something else".into());
+            };
+        }
         self.engine.wait_durable(self.session, self.last_seq)?;
         let mut settled = Marks::default();
         for (_, marks) in self.pending.drain(..) {
@@ -440,6 +450,13 @@ impl Copier<'_> {
         self.engine.clear_dirty(&settled);
         self.publish();
         Ok(())
+    }
+
+    fn examine(&mut self, path: &RelPath) {
+        if !self.examined.contains(path) {
+            self.examined.insert(path.clone());
+            self.progress.examined += 1;
+        }
     }
 
     fn publish(&mut self) {
