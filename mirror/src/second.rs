@@ -71,6 +71,9 @@ struct Shared {
     min_epoch: AtomicU64,
     status: Mutex<SecondStatus>,
     stopping: AtomicBool,
+    /// The current session's applier; whoever ends first (the session or the drop of
+    /// [`Secondary`]) joins it, so that the book is never written during process exit.
+    applier: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// A running SECOND. Dropping it stops it and removes the read-only mount.
@@ -103,6 +106,7 @@ impl Secondary {
             min_epoch: AtomicU64::new(0),
             status: Mutex::new(SecondStatus::default()),
             stopping: AtomicBool::new(false),
+            applier: Mutex::new(None),
         });
         let listener_task = tokio::spawn(accept_loop(shared.clone(), listener));
         Ok(Secondary {
@@ -135,6 +139,11 @@ impl Drop for Secondary {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.listener_task.abort();
+        // The applier sees `stopping` within a quarter of SYNC_EVERY, syncs and returns.
+        let applier = self.shared.applier.lock().expect("applier lock").take();
+        if let Some(applier) = applier {
+            let _ = applier.join();
+        }
         if self.mounted {
             if let Err(e) = unprotect(&self.shared.config.dir) {
                 tracing::warn!(dir = %self.shared.config.dir.display(), "cannot remove the read-only mount: {e}");
@@ -253,15 +262,16 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     let watermarks = Arc::new(Watermarks::default());
     let (up_tx, mut up_rx) = amps::unbounded_channel::<Up>();
     let (work_tx, work_rx) = mpsc::channel::<Work>();
-    let applier = {
-        let shared = shared.clone();
+    {
+        let shared_for_applier = shared.clone();
         let watermarks = watermarks.clone();
         let up_tx = up_tx.clone();
-        std::thread::Builder::new()
+        let applier = std::thread::Builder::new()
             .name("mirror-applier".into())
-            .spawn(move || apply_loop(&shared, work_rx, &watermarks, &up_tx))
-            .map_err(MirrorError::io("start the applier thread"))?
-    };
+            .spawn(move || apply_loop(&shared_for_applier, work_rx, &watermarks, &up_tx))
+            .map_err(MirrorError::io("start the applier thread"))?;
+        *shared.applier.lock().expect("applier lock") = Some(applier);
+    }
 
     let writer_task = {
         let watermarks = watermarks.clone();
@@ -325,7 +335,10 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     }
     .await;
     let _ = work_tx.send(Work::End);
-    let _ = tokio::task::spawn_blocking(move || applier.join()).await;
+    let applier = shared.applier.lock().expect("applier lock").take();
+    if let Some(applier) = applier {
+        let _ = tokio::task::spawn_blocking(move || applier.join()).await;
+    }
     drop(up_tx);
     writer_task.abort();
     read_result
@@ -373,6 +386,10 @@ fn apply_loop(
     let mut unsynced = Unsynced::default();
     let mut write_cache: Option<(RelPath, std::os::fd::OwnedFd)> = None;
     loop {
+        if shared.stopping.load(Ordering::SeqCst) {
+            sync(shared, &mut unsynced, watermarks);
+            return;
+        }
         let next = if shared.config.ack == AckMode::Durable && unsynced.since.is_some() {
             // Group commit: sync as soon as the queue is drained.
             match work.try_recv() {
