@@ -101,51 +101,54 @@ impl Setup {
         self.root.path().join(name)
     }
 
-    fn second(&self, side: &str, port: u16, epoch: u64) -> Side {
+    /// `rampart mirror ROLE` for node `side`, with the arguments both roles take.
+    fn spawn(&self, role: &str, side: &str, extra: &[String]) -> Side {
         let dir = self.path(side);
-        let s = Side::spawn(
+        let mut args: Vec<String> = vec![
+            role.into(),
+            "--dir".into(),
+            dir.to_string_lossy().into_owned(),
+            "--book".into(),
+            self.path(&format!("{side}.book"))
+                .to_string_lossy()
+                .into_owned(),
+            "--secret-file".into(),
+            self.secret.to_string_lossy().into_owned(),
+            "--zone-size".into(),
+            "65536".into(),
+        ];
+        args.extend_from_slice(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Side::spawn(&args, &dir)
+    }
+
+    fn second(&self, side: &str, port: u16, epoch: u64) -> Side {
+        let s = self.spawn(
+            "second",
+            side,
             &[
-                "second",
-                "--dir",
-                dir.to_str().unwrap(),
-                "--book",
-                self.path(&format!("{side}.book")).to_str().unwrap(),
-                "--secret-file",
-                self.secret.to_str().unwrap(),
-                "--zone-size",
-                "65536",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--epoch",
-                &epoch.to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--epoch".into(),
+                epoch.to_string(),
             ],
-            &dir,
         );
         s.wait_for("listening", Duration::from_secs(10));
         s
     }
 
     fn prim(&self, side: &str, port: u16, epoch: u64) -> Side {
-        let dir = self.path(side);
-        let s = Side::spawn(
+        let s = self.spawn(
+            "prim",
+            side,
             &[
-                "prim",
-                "--dir",
-                dir.to_str().unwrap(),
-                "--book",
-                self.path(&format!("{side}.book")).to_str().unwrap(),
-                "--secret-file",
-                self.secret.to_str().unwrap(),
-                "--zone-size",
-                "65536",
-                "--peer",
-                &format!("127.0.0.1:{port}"),
-                "--epoch",
-                &epoch.to_string(),
-                "--link-timeout",
-                "1s",
+                "--peer".into(),
+                format!("127.0.0.1:{port}"),
+                "--epoch".into(),
+                epoch.to_string(),
+                "--link-timeout".into(),
+                "1s".into(),
             ],
-            &dir,
         );
         s.wait_for("mounted", Duration::from_secs(10));
         s
