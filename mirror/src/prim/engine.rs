@@ -848,7 +848,7 @@ impl Change<'_> {
             }
         }
         let touched = std::mem::take(&mut self.touch.marks);
-        self.stream(op, data, touched)
+        self.stream(op, data, &touched)
     }
 
     /// Streams a write before applying it locally, so that the peer receives it while
@@ -867,7 +867,7 @@ impl Change<'_> {
             return Ok(self.commit(op, data));
         }
         let touched = std::mem::take(&mut self.touch.marks);
-        let ticket = self.stream(op, data, touched.clone());
+        let ticket = self.stream(op, data, &touched);
         let Err(e) = apply() else {
             return Ok(ticket);
         };
@@ -878,7 +878,7 @@ impl Change<'_> {
                 marks.add_zone(path, zone);
                 match self.engine.tree.zone(path, zone, zone_size) {
                     Ok(Some((op, data))) => {
-                        self.stream(op, &data, marks);
+                        self.stream(op, &data, &marks);
                     }
                     Ok(None) => {}
                     Err(read) => {
@@ -895,7 +895,7 @@ impl Change<'_> {
     /// Assigns the next sequence to `op` and streams it when connected. (Splitting a
     /// large write into smaller frames, so that authenticating and verifying overlap,
     /// measured slower: per-frame costs outweigh the overlap on two cores.)
-    fn stream(&mut self, op: Op, data: &[u8], touched: Marks) -> Ticket {
+    fn stream(&mut self, op: Op, data: &[u8], touched: &Marks) -> Ticket {
         let engine = self.engine;
         self.order.last_seq += 1;
         let seq = self.order.last_seq;
@@ -906,13 +906,13 @@ impl Change<'_> {
                     written: Some(seq),
                     touched: Instant::now(),
                 };
-                for (path, zones) in touched.zones {
-                    for zone in zones {
+                for (path, zones) in &touched.zones {
+                    for &zone in zones {
                         self.order.intent_zones.insert((path.clone(), zone), mark);
                     }
                 }
-                for path in touched.paths {
-                    self.order.intent_paths.insert(path, mark);
+                for path in &touched.paths {
+                    self.order.intent_paths.insert(path.clone(), mark);
                 }
                 let epoch = engine.config.epoch;
                 let frame = protocol::encode(&Down::Op { epoch, seq, op }, data);
