@@ -2,80 +2,15 @@
 //! loopback, with real applications on PRIM's mount: fio with verification, stress-ng's
 //! file-system stressors, SQLite; and PRIM killed with writes in flight.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rampart");
 
-/// A `rampart mirror` process; killed on drop. Its stdout lines (JSON events) are
-/// collected for [`Side::wait_for`].
-struct Side {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    dir: PathBuf,
-}
-
-impl Side {
-    fn spawn(args: &[&str], dir: &Path) -> Side {
-        let mut child = Command::new(BIN)
-            .arg("mirror")
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Side {
-            child,
-            lines,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => panic!("no {needle:?} within {timeout:?}"),
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // A killed PRIM leaves a dead FUSE mount; a killed SECOND its read-only bind.
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .stderr(Stdio::null())
-            .status();
-    }
-
-    fn terminate(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Side {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+#[path = "support/mirror_process.rs"]
+mod mirror_process;
+use mirror_process::MirrorProcess;
 
 struct Setup {
     root: tempfile::TempDir,
@@ -102,7 +37,7 @@ impl Setup {
     }
 
     /// `rampart mirror ROLE` for node `side`, with the arguments both roles take.
-    fn spawn(&self, role: &str, side: &str, extra: &[String]) -> Side {
+    fn spawn(&self, role: &str, side: &str, extra: &[String]) -> MirrorProcess {
         let dir = self.path(side);
         let mut args: Vec<String> = vec![
             role.into(),
@@ -118,11 +53,10 @@ impl Setup {
             "65536".into(),
         ];
         args.extend_from_slice(extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Side::spawn(&args, &dir)
+        MirrorProcess::spawn(&args, &dir, "warn")
     }
 
-    fn second(&self, side: &str, port: u16, epoch: u64) -> Side {
+    fn second(&self, side: &str, port: u16, epoch: u64) -> MirrorProcess {
         let s = self.spawn(
             "second",
             side,
@@ -137,7 +71,7 @@ impl Setup {
         s
     }
 
-    fn prim(&self, side: &str, port: u16, epoch: u64) -> Side {
+    fn prim(&self, side: &str, port: u16, epoch: u64) -> MirrorProcess {
         let s = self.spawn(
             "prim",
             side,
@@ -193,7 +127,7 @@ fn fio_and_stress_ng_on_prim_leave_a_verified_copy_on_second() {
     let port = free_port();
     let _second = setup.second("b", port, 0);
     let mut prim = setup.prim("a", port, 1);
-    prim.wait_for(r#""synced""#, Duration::from_secs(30));
+    prim.wait_for("synced", Duration::from_secs(30));
     let a = setup.path("a");
 
     // fio writes with checksums, reads them back through the mount and checks them.
@@ -263,7 +197,7 @@ fn sqlite_on_prim_leaves_a_consistent_database_on_second() {
     let port = free_port();
     let _second = setup.second("b", port, 0);
     let mut prim = setup.prim("a", port, 1);
-    prim.wait_for(r#""synced""#, Duration::from_secs(30));
+    prim.wait_for("synced", Duration::from_secs(30));
     let db = setup.path("a").join("app.db");
     // 400 transactions of 50 rows each, in rollback-journal mode with full syncs.
     let script = r#"
@@ -304,7 +238,7 @@ fn prim_killed_with_writes_in_flight_is_overwritten_when_it_returns_as_second() 
     // Node A is PRIM (epoch 1), node B SECOND.
     let mut second_b = setup.second("b", port_b, 0);
     let mut prim_a = setup.prim("a", port_b, 1);
-    prim_a.wait_for(r#""synced""#, Duration::from_secs(30));
+    prim_a.wait_for("synced", Duration::from_secs(30));
     let a = setup.path("a");
     for i in 0..8 {
         std::fs::write(a.join(format!("f{i}")), vec![i as u8; 512 << 10]).unwrap();
@@ -343,8 +277,8 @@ fn prim_killed_with_writes_in_flight_is_overwritten_when_it_returns_as_second() 
     second_b.terminate();
     let _second_a = setup.second("a", port_a, 0);
     let mut prim_b = setup.prim("b", port_a, 2);
-    let synced = prim_b.wait_for(r#""synced""#, Duration::from_secs(60));
-    assert!(synced.contains(r#""bytes_sent""#));
+    let (_, synced) = prim_b.wait_for("synced", Duration::from_secs(60));
+    assert!(synced["bytes_sent"].is_u64(), "{synced}");
     prim_b.terminate();
     let (same, report) = setup.verify();
     assert!(

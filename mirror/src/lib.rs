@@ -20,7 +20,8 @@ use rampart_storage::BookError;
 /// When a change counts as replicated (`<rfs sync="...">`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AckMode {
-    /// A write returns once it is applied locally and SECOND has received it.
+    /// A change returns once it is applied locally and SECOND has received it; an
+    /// fsync then only waits for the local disk (what it covers was received already).
     #[default]
     Write,
     /// ... and SECOND has written it to its disk.

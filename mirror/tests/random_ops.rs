@@ -200,13 +200,7 @@ proptest! {
             let ops2 = ops.clone();
             blocking(move || ops2.iter().for_each(|op| apply(&root, op))).await;
             let (a, b) = (pair.dir("a"), pair.dir("b"));
-            let converged = eventually(Duration::from_secs(10), || {
-                std::panic::catch_unwind(|| assert_same_trees(&a, &b)).is_ok()
-            })
-            .await;
-            if !converged {
-                assert_same_trees(&a, &b); // Shows what differs.
-            }
+            converge(&a, &b, Duration::from_secs(10)).await;
             assert!(pair.prim.as_ref().unwrap().status().connected, "the stream stayed up");
         });
     }

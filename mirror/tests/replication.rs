@@ -35,15 +35,7 @@ async fn changes_through_the_mount_reach_second() {
     .await;
     // `write` mode: everything returned has been received; give the applier a moment.
     let (a, b) = (pair.dir("a"), pair.dir("b"));
-    let a2 = a.clone();
-    assert!(
-        eventually(Duration::from_secs(5), || std::panic::catch_unwind(|| {
-            assert_same_trees(&a2, &b)
-        })
-        .is_ok())
-        .await
-    );
-    assert!(assert_same_trees(&a, &pair.dir("b")) >= 5);
+    assert!(converge(&a, &b, Duration::from_secs(5)).await >= 5);
     // SECOND's copy is read-only to applications.
     let err = std::fs::write(pair.dir("b").join("x"), b"no").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
@@ -170,4 +162,118 @@ async fn second_refuses_a_prim_of_an_older_epoch() {
     assert!(!status.connected);
     let error = status.last_error.unwrap_or_default();
     assert!(error.contains("older than epoch 5"), "{error}");
+}
+
+/// A pair with one side's copy on a small tmpfs, unmounted once both sides stopped.
+struct SmallDisk {
+    pair: Pair,
+    side: &'static str,
+}
+
+impl SmallDisk {
+    fn new(ack: AckMode, side: &'static str, size: &str) -> SmallDisk {
+        let pair = Pair::new(ack);
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(pair.dir(side))
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs");
+        SmallDisk { pair, side }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        drop(self.pair.prim.take());
+        drop(self.pair.second.take());
+        let status = std::process::Command::new("umount")
+            .arg(self.pair.dir(self.side))
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.pair.dir(self.side))
+                .status();
+            if !std::thread::panicking() {
+                panic!("the tmpfs was still busy after both sides stopped");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fails_on_prim_is_taken_back_on_second() {
+    let mut disk = SmallDisk::new(AckMode::Write, "a", "1m");
+    let pair = &mut disk.pair;
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+
+    // PRIM's disk fills in the middle of the write: SECOND received bytes PRIM could
+    // not store, and has them taken back to what PRIM holds.
+    let (a, b) = (pair.dir("a"), pair.dir("b"));
+    let error = blocking({
+        let a = a.clone();
+        move || std::fs::write(a.join("big"), vec![9u8; 4 << 20]).unwrap_err()
+    })
+    .await;
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{error}");
+    converge(&a, &b, Duration::from_secs(5)).await;
+    assert!(
+        std::fs::metadata(b.join("big")).unwrap().len() <= 1 << 20,
+        "SECOND holds no more than PRIM could"
+    );
+
+    // The stream is still up: once there is room again, writes go through.
+    blocking({
+        let a = a.clone();
+        move || {
+            std::fs::remove_file(a.join("big")).unwrap();
+            std::fs::write(a.join("small"), vec![1u8; 100_000]).unwrap();
+        }
+    })
+    .await;
+    assert!(pair.prim.as_ref().unwrap().status().connected);
+    converge(&a, &b, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_whose_disk_filled_converges_once_there_is_room_again() {
+    let mut disk = SmallDisk::new(AckMode::Write, "b", "4m");
+    let pair = &mut disk.pair;
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+    let (a, b) = (pair.dir("a"), pair.dir("b"));
+    blocking({
+        let a = a.clone();
+        move || std::fs::write(a.join("filler"), vec![1u8; 3 << 20]).unwrap()
+    })
+    .await;
+
+    // PRIM's disk has room, SECOND's does not: the write succeeds on PRIM and PRIM is
+    // told that SECOND diverged.
+    blocking({
+        let a = a.clone();
+        move || std::fs::write(a.join("data"), vec![2u8; 2 << 20]).unwrap()
+    })
+    .await;
+    pair.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, rampart_mirror::prim::Event::Diverged { .. })
+    })
+    .await;
+
+    // Room again on SECOND: the same session reconciles the file.
+    blocking({
+        let a = a.clone();
+        move || std::fs::remove_file(a.join("filler")).unwrap()
+    })
+    .await;
+    pair.wait_event(Duration::from_secs(30), |e| {
+        matches!(e, rampart_mirror::prim::Event::Synced { .. })
+    })
+    .await;
+    converge(&a, &b, Duration::from_secs(5)).await;
+    assert!(pair.prim.as_ref().unwrap().status().connected);
 }

@@ -164,22 +164,36 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
         })
     };
 
-    // Reintegration runs beside the live stream, on its own thread.
+    // Reintegration runs beside the live stream, on its own thread; again whenever
+    // SECOND fails to apply a change later in the session (a full disk, say), so the
+    // copy converges once SECOND can take it, without waiting for a reconnection.
+    reintegrate(engine, session, !incremental).await;
+    let mut receiver = receiver;
+    loop {
+        tokio::select! {
+            _ = &mut receiver => break,
+            _ = engine.diverged.notified() => {
+                if !engine.dirty().is_empty() {
+                    reintegrate(engine, session, false).await;
+                }
+            }
+        }
+    }
+    sender.abort();
+    watchdog.abort();
+    Ok(())
+}
+
+async fn reintegrate(engine: &Arc<Engine>, session: u64, full: bool) {
     let copier = {
         let engine = engine.clone();
-        tokio::task::spawn_blocking(move || resync::run(&engine, session, !incremental))
+        tokio::task::spawn_blocking(move || resync::run(&engine, session, full))
     };
-    let outcome = copier.await;
-    match outcome {
+    match copier.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("reintegration stopped: {e}"),
         Err(e) => tracing::error!("reintegration panicked: {e}"),
     }
-    // Wait for the session to end, then clean its tasks up.
-    let _ = receiver.await;
-    sender.abort();
-    watchdog.abort();
-    Ok(())
 }
 
 /// Maps the peer's own marks (in the names of the tree as it was when it last shared

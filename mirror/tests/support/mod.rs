@@ -130,6 +130,11 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 /// Both trees hold the same entries, kinds, sizes, modes, owners, link targets,
 /// extended attributes and bytes. Returns the number of entries compared.
 pub fn assert_same_trees(a: &Path, b: &Path) -> usize {
+    compare_trees(a, b).unwrap_or_else(|difference| panic!("{difference}"))
+}
+
+/// The number of entries compared, or the first difference found.
+pub fn compare_trees(a: &Path, b: &Path) -> Result<usize, String> {
     let (ta, tb) = (Tree::open(a).unwrap(), Tree::open(b).unwrap());
     let (la, lb) = (ta.list(b"").unwrap(), tb.list(b"").unwrap());
     let names = |l: &[(Vec<u8>, rampart_mirror::protocol::Meta)]| {
@@ -137,32 +142,56 @@ pub fn assert_same_trees(a: &Path, b: &Path) -> usize {
             .map(|(p, _)| String::from_utf8_lossy(p).into_owned())
             .collect::<Vec<_>>()
     };
-    assert_eq!(names(&la), names(&lb), "entries differ");
+    if names(&la) != names(&lb) {
+        return Err(format!(
+            "entries differ: {:?} != {:?}",
+            names(&la),
+            names(&lb)
+        ));
+    }
     for ((path, ma), (_, mb)) in la.iter().zip(&lb) {
         let shown = String::from_utf8_lossy(path);
-        assert_eq!(ma.kind, mb.kind, "{shown}: kind");
-        assert_eq!(ma.perm, mb.perm, "{shown}: mode");
-        assert_eq!((ma.uid, ma.gid), (mb.uid, mb.gid), "{shown}: owner");
-        assert_eq!(ma.size, mb.size, "{shown}: size");
-        assert_eq!(ma.target, mb.target, "{shown}: symlink target");
-        assert_eq!(ma.xattrs, mb.xattrs, "{shown}: xattrs");
+        let differs = |what: &str| Err(format!("{shown}: {what} differs"));
+        if ma.kind != mb.kind {
+            return differs("kind");
+        }
+        if ma.perm != mb.perm {
+            return differs("mode");
+        }
+        if (ma.uid, ma.gid) != (mb.uid, mb.gid) {
+            return differs("owner");
+        }
+        if ma.size != mb.size {
+            return Err(format!("{shown}: size {} != {}", ma.size, mb.size));
+        }
+        if ma.target != mb.target {
+            return differs("symlink target");
+        }
+        if ma.xattrs != mb.xattrs {
+            return differs("xattrs");
+        }
         if ma.kind == rampart_mirror::protocol::Kind::File {
-            let ha = ta.zone_hashes(path, 1 << 20).unwrap();
-            let hb = tb.zone_hashes(path, 1 << 20).unwrap();
-            assert!(ha == hb, "{shown}: contents differ");
+            // A file may change or vanish while it is being compared.
+            let ha = ta.zone_hashes(path, 1 << 20).map_err(|e| e.to_string())?;
+            let hb = tb.zone_hashes(path, 1 << 20).map_err(|e| e.to_string())?;
+            if ha != hb {
+                return differs("content");
+            }
         }
     }
-    la.len()
+    Ok(la.len())
 }
 
-/// Polls `check` until it holds or `timeout` passes.
-pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+/// Waits until both trees are the same (see [`compare_trees`]), at most `timeout`.
+pub async fn converge(a: &Path, b: &Path, timeout: Duration) -> usize {
     let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
+    loop {
+        match compare_trees(a, b) {
+            Ok(entries) => return entries,
+            Err(difference) if Instant::now() >= deadline => {
+                panic!("the trees did not converge within {timeout:?}: {difference}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    check()
 }

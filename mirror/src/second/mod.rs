@@ -15,22 +15,23 @@
 //! applications see the copy but cannot change it; the applier writes through the
 //! descriptor it opened before.
 
-use std::collections::BTreeSet;
+mod applier;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rampart_raft::transport::{ClusterKey, SecureChannel};
 use rampart_storage::{MarkKind, Marks, ReplicationBook};
-use rustix::fs::OFlags;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc as amps, Notify};
 
-use crate::protocol::{self, Answer, Down, Op, RelPath, Request, Up};
-use crate::tree::{kind_of, Tree};
+use crate::protocol::{self, Down, Up};
+use crate::tree::Tree;
 use crate::{AckMode, MirrorError};
+use applier::{apply_loop, Work};
 
 /// In `write` and `fsync` modes, applied changes are synced at least this often.
 pub const SYNC_EVERY: Duration = Duration::from_millis(200);
@@ -149,6 +150,12 @@ impl Drop for Secondary {
                 tracing::warn!(dir = %self.shared.config.dir.display(), "cannot remove the read-only mount: {e}");
             }
         }
+        // The aborted tasks hold the copy's descriptor and the book until the runtime
+        // drops them: wait (briefly) so that both are released when we return.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while Arc::strong_count(&self.shared) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -193,13 +200,6 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         status.connected = false;
         status.peer = None;
     }
-}
-
-/// Work for the applier thread, in stream order.
-enum Work {
-    Frame(Down, Vec<u8>, usize),
-    /// Reader ended; finish and stop.
-    End,
 }
 
 async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), MirrorError> {
@@ -358,265 +358,6 @@ impl Watermarks {
             self.received.load(Ordering::SeqCst),
             self.durable.load(Ordering::SeqCst),
         )
-    }
-}
-
-/// Files and directories changed since the last sync.
-#[derive(Default)]
-struct Unsynced {
-    paths: BTreeSet<RelPath>,
-    last_seq: u64,
-    since: Option<Instant>,
-}
-
-fn parent_of(path: &[u8]) -> RelPath {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(slash) => path[..slash].to_vec(),
-        None => Vec::new(),
-    }
-}
-
-fn apply_loop(
-    shared: &Shared,
-    work: mpsc::Receiver<Work>,
-    watermarks: &Watermarks,
-    up: &amps::UnboundedSender<Up>,
-) {
-    let tree = &shared.tree;
-    let mut unsynced = Unsynced::default();
-    let mut write_cache: Option<(RelPath, std::os::fd::OwnedFd)> = None;
-    loop {
-        if shared.stopping.load(Ordering::SeqCst) {
-            sync(shared, &mut unsynced, watermarks);
-            return;
-        }
-        let next = if shared.config.ack == AckMode::Durable && unsynced.since.is_some() {
-            // Group commit: sync as soon as the queue is drained.
-            match work.try_recv() {
-                Ok(next) => Some(next),
-                Err(mpsc::TryRecvError::Empty) => {
-                    sync(shared, &mut unsynced, watermarks);
-                    continue;
-                }
-                Err(mpsc::TryRecvError::Disconnected) => return,
-            }
-        } else {
-            match work.recv_timeout(SYNC_EVERY / 4) {
-                Ok(next) => Some(next),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-        };
-        match next {
-            Some(Work::End) => {
-                sync(shared, &mut unsynced, watermarks);
-                return;
-            }
-            Some(Work::Frame(message, frame, data_at)) => {
-                let data = &frame[data_at..];
-                match message {
-                    Down::Op { seq, op, .. } => {
-                        if !matches!(op, Op::Write { .. }) {
-                            write_cache = None;
-                        }
-                        let result = match protocol::validate_path(op.path()) {
-                            Err(reason) => Err(io::Error::other(reason)),
-                            Ok(()) => apply_op(tree, &op, data, &mut write_cache),
-                        };
-                        let mut status = shared.status.lock().expect("status lock");
-                        status.bytes_applied += data.len() as u64;
-                        if let Err(e) = result {
-                            status.failures += 1;
-                            drop(status);
-                            tracing::debug!(seq, path = %String::from_utf8_lossy(op.path()), "apply failed: {e}");
-                            let _ = up.send(Up::Failed {
-                                seq,
-                                path: op.path().to_vec(),
-                                error: e.to_string(),
-                            });
-                        }
-                        note_unsynced(&mut unsynced, &op, seq);
-                    }
-                    Down::Ask { seq, request, .. } => {
-                        unsynced.last_seq = seq;
-                        unsynced.since.get_or_insert_with(Instant::now);
-                        let answer = match request {
-                            Request::Sync => {
-                                sync(shared, &mut unsynced, watermarks);
-                                Answer::Synced
-                            }
-                            request => answer(tree, shared.config.zone_size, &request),
-                        };
-                        let _ = up.send(Up::Answer { seq, answer });
-                    }
-                    Down::Replay { entries, .. } => {
-                        write_cache = None;
-                        for entry in entries {
-                            let op = match entry {
-                                rampart_storage::JournalEntry::Rename { from, to, flags } => {
-                                    Op::Rename { from, to, flags }
-                                }
-                                rampart_storage::JournalEntry::Link { from, to } => {
-                                    Op::Link { from, to }
-                                }
-                            };
-                            if protocol::validate_path(op.path()).is_ok() {
-                                // Best effort: the paths are reconciled afterwards.
-                                let _ = tree.apply(&op, &[]);
-                                let last = unsynced.last_seq;
-                                note_unsynced(&mut unsynced, &op, last);
-                            }
-                        }
-                    }
-                    Down::SyncPoint { seq, point, .. } => {
-                        unsynced.last_seq = seq;
-                        unsynced.since.get_or_insert_with(Instant::now);
-                        sync(shared, &mut unsynced, watermarks);
-                        // Everything SECOND changed on its own has been overwritten.
-                        let result = shared
-                            .book
-                            .clear(
-                                MarkKind::Intent,
-                                &shared.book.marks(MarkKind::Intent).unwrap_or_default(),
-                            )
-                            .and_then(|()| {
-                                shared.book.clear(
-                                    MarkKind::Dirty,
-                                    &shared.book.marks(MarkKind::Dirty).unwrap_or_default(),
-                                )
-                            })
-                            .and_then(|()| shared.book.set_sync_point(Some(point)));
-                        if let Err(e) = result {
-                            tracing::error!("cannot record the sync point: {e}");
-                        }
-                    }
-                    Down::Hello { .. } | Down::Ping => {}
-                }
-            }
-            None => {}
-        }
-        if unsynced
-            .since
-            .is_some_and(|since| since.elapsed() >= SYNC_EVERY)
-        {
-            sync(shared, &mut unsynced, watermarks);
-        }
-    }
-}
-
-/// Applies an op, keeping the last written file open for the next write to it.
-fn apply_op(
-    tree: &Tree,
-    op: &Op,
-    data: &[u8],
-    cache: &mut Option<(RelPath, std::os::fd::OwnedFd)>,
-) -> io::Result<()> {
-    if let Op::Write { path, offset } = op {
-        if cache.as_ref().is_none_or(|(cached, _)| cached != path) {
-            *cache = Some((path.clone(), tree.open_at(path, OFlags::WRONLY, 0)?));
-        }
-        let (_, fd) = cache.as_ref().expect("just filled");
-        return crate::tree::write_all_at(fd, data, *offset);
-    }
-    tree.apply(op, data)
-}
-
-fn note_unsynced(unsynced: &mut Unsynced, op: &Op, seq: u64) {
-    let mut note = |path: &[u8]| {
-        unsynced.paths.insert(path.to_vec());
-    };
-    match op {
-        Op::Write { path, .. }
-        | Op::Truncate { path, .. }
-        | Op::Fallocate { path, .. }
-        | Op::Zone { path, .. }
-        | Op::Fsync { path, .. } => note(path),
-        Op::Rename { from, to, .. } => {
-            note(&parent_of(from));
-            note(&parent_of(to));
-        }
-        other => {
-            note(other.path());
-            note(&parent_of(other.path()));
-        }
-    }
-    unsynced.last_seq = unsynced.last_seq.max(seq);
-    unsynced.since.get_or_insert_with(Instant::now);
-}
-
-/// Makes everything applied so far durable, then advances the durable watermark.
-fn sync(shared: &Shared, unsynced: &mut Unsynced, watermarks: &Watermarks) {
-    if unsynced.since.is_none() {
-        return;
-    }
-    let paths = std::mem::take(&mut unsynced.paths);
-    let result = if paths.len() > 64 {
-        shared.tree.sync_all()
-    } else {
-        paths
-            .iter()
-            .try_for_each(|path| sync_path(&shared.tree, path))
-    };
-    if let Err(e) = result {
-        // Not durable: the watermark stays, so PRIM keeps its intents.
-        tracing::warn!("syncing the copy failed: {e}");
-        unsynced.paths = paths;
-        return;
-    }
-    unsynced.since = None;
-    watermarks
-        .durable
-        .fetch_max(unsynced.last_seq, Ordering::SeqCst);
-    watermarks.changed.notify_one();
-    let mut status = shared.status.lock().expect("status lock");
-    status.durable = watermarks.durable.load(Ordering::SeqCst);
-    status.received = watermarks.received.load(Ordering::SeqCst);
-}
-
-fn sync_path(tree: &Tree, path: &[u8]) -> io::Result<()> {
-    let Some(stat) = tree.stat(path)? else {
-        return Ok(()); // Removed since: its parent is synced.
-    };
-    let flags = match kind_of(stat.st_mode) {
-        crate::protocol::Kind::Dir => OFlags::RDONLY | OFlags::DIRECTORY,
-        crate::protocol::Kind::File => OFlags::RDONLY,
-        _ => return Ok(()),
-    };
-    let fd = tree.open_at(path, flags, 0)?;
-    rustix::fs::fsync(&fd).map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))
-}
-
-fn answer(tree: &Tree, zone_size: u64, request: &Request) -> Answer {
-    match request {
-        Request::Probe { paths } => Answer::Probe(
-            paths
-                .iter()
-                .map(|path| {
-                    protocol::validate_path(path).ok()?;
-                    let stat = tree.stat(path).ok()??;
-                    Some((kind_of(stat.st_mode), stat.st_size as u64))
-                })
-                .collect(),
-        ),
-        Request::List { path } => Answer::List(
-            protocol::validate_path(path)
-                .ok()
-                .and_then(|()| tree.list(path).ok())
-                .unwrap_or_default(),
-        ),
-        Request::Children { path } => Answer::Children(
-            protocol::validate_path(path)
-                .ok()
-                .and_then(|()| tree.children(path).ok())
-                .unwrap_or_default(),
-        ),
-        Request::Hashes { path } => Answer::Hashes(
-            protocol::validate_path(path)
-                .ok()
-                .and_then(|()| tree.zone_hashes(path, zone_size).ok())
-                .unwrap_or_default(),
-        ),
-        Request::Sync => Answer::Synced,
     }
 }
 

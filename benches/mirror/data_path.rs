@@ -1,0 +1,214 @@
+//! Sequential writes, cold reads and 4 KiB write + fdatasync latency on every target,
+//! rounds alternated.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::targets::targets;
+use crate::{drop_caches, median, pattern, percentile, runs, Plan, MIB};
+
+/// Writes `bytes` in 1 MiB writes to `seq` in every directory, then fsyncs: MB/s.
+fn sequential_write(dirs: &[PathBuf], bytes: usize, block: &[u8]) -> f64 {
+    let started = Instant::now();
+    let mut files: Vec<File> = dirs
+        .iter()
+        .map(|d| File::create(d.join("seq")).expect("create seq"))
+        .collect();
+    for _ in 0..bytes / block.len() {
+        for file in &mut files {
+            file.write_all(block).expect("write");
+        }
+    }
+    for file in &files {
+        file.sync_all().expect("fsync");
+    }
+    bytes as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+/// Reads `seq` of the first directory in 1 MiB reads: MB/s.
+fn cold_read(dir: &Path) -> f64 {
+    drop_caches();
+    let started = Instant::now();
+    let mut file = File::open(dir.join("seq")).expect("open seq");
+    let mut buf = vec![0u8; MIB];
+    let mut total = 0usize;
+    loop {
+        let n = file.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    total as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+/// `ops` random 4 KiB writes into a 64 MiB file, each followed by fdatasync (in every
+/// directory): the latency of each pair, sorted.
+fn sync_latencies(dirs: &[PathBuf], ops: usize, seed: u64) -> Vec<Duration> {
+    const SPAN: u64 = 64 << 20;
+    let files: Vec<File> = dirs
+        .iter()
+        .map(|d| {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(d.join("lat"))
+                .expect("create lat");
+            let zeros = vec![0u8; MIB];
+            for i in 0..SPAN / MIB as u64 {
+                file.write_all_at(&zeros, i * MIB as u64).expect("fill lat");
+            }
+            file.sync_all().expect("fsync lat");
+            file
+        })
+        .collect();
+    let block = pattern(4096, seed);
+    let mut state = seed | 1;
+    let mut latencies = Vec::with_capacity(ops);
+    for _ in 0..ops {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let offset = (state >> 16) % (SPAN / 4096) * 4096;
+        let started = Instant::now();
+        for file in &files {
+            file.write_all_at(&block, offset).expect("write");
+            file.sync_data().expect("fdatasync");
+        }
+        latencies.push(started.elapsed());
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_file(dir.join("lat"));
+    }
+    latencies.sort();
+    latencies
+}
+
+struct Figures {
+    write: Vec<f64>,
+    read: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+pub fn run(plan: &Plan) {
+    let targets = targets();
+    let mut figures: Vec<Figures> = targets
+        .iter()
+        .map(|_| Figures {
+            write: Vec::new(),
+            read: Vec::new(),
+            p50: Vec::new(),
+            p99: Vec::new(),
+        })
+        .collect();
+    let block = pattern(MIB, 7);
+    for round in 0..plan.rounds {
+        // Alternate the order too, so no target always follows the same neighbour.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..targets.len()).collect()
+        } else {
+            (0..targets.len()).rev().collect()
+        };
+        for &i in &order {
+            let target = &targets[i];
+            if !target.latency_only {
+                drop_caches();
+                figures[i]
+                    .write
+                    .push(sequential_write(&target.dirs, plan.seq_bytes, &block));
+                if target.name != "native-two" {
+                    figures[i].read.push(cold_read(&target.dirs[0]));
+                }
+                for dir in &target.dirs {
+                    std::fs::remove_file(dir.join("seq")).expect("remove seq");
+                }
+            }
+            drop_caches();
+            let latencies = sync_latencies(&target.dirs, plan.latency_ops, round as u64 + 1);
+            figures[i]
+                .p50
+                .push(percentile(&latencies, 0.5).as_secs_f64() * 1e6);
+            figures[i]
+                .p99
+                .push(percentile(&latencies, 0.99).as_secs_f64() * 1e6);
+        }
+        println!("round {} of {} done", round + 1, plan.rounds);
+    }
+    let find = |name: &str| targets.iter().position(|t| t.name == name).unwrap();
+    let (native, two, gluster, rampart) = (
+        find("native"),
+        find("native-two"),
+        find("glusterfs-r2"),
+        find("rampart-write"),
+    );
+
+    println!(
+        "\nsequential write: {} MiB in 1 MiB writes, then fsync (MB/s, median; every run)",
+        plan.seq_bytes / MIB
+    );
+    for (target, f) in targets.iter().zip(&figures) {
+        if !f.write.is_empty() {
+            println!(
+                "  {:<16} {:>7.0}   {}",
+                target.name,
+                median(&f.write),
+                runs(&f.write)
+            );
+        }
+    }
+    let w = |i: usize| median(&figures[i].write);
+    println!(
+        "  rampart-write / glusterfs-r2 = {:.2} (target >= 2)   / native-two = {:.2} (target >= 0.5)   / native = {:.2}",
+        w(rampart) / w(gluster),
+        w(rampart) / w(two),
+        w(rampart) / w(native)
+    );
+
+    println!("\ncold sequential read of that file (MB/s, median; every run)");
+    for (target, f) in targets.iter().zip(&figures) {
+        if !f.read.is_empty() {
+            println!(
+                "  {:<16} {:>7.0}   {}",
+                target.name,
+                median(&f.read),
+                runs(&f.read)
+            );
+        }
+    }
+    let r = |i: usize| median(&figures[i].read);
+    println!(
+        "  rampart-write / native = {:.2} (target >= 0.9; FUSE passthrough)",
+        r(rampart) / r(native)
+    );
+
+    println!(
+        "\n4 KiB random write + fdatasync, {} per round (µs; median over rounds of p50 and p99)",
+        plan.latency_ops
+    );
+    for (target, f) in targets.iter().zip(&figures) {
+        println!(
+            "  {:<16} p50 {:>7.0}   p99 {:>7.0}",
+            target.name,
+            median(&f.p50),
+            median(&f.p99)
+        );
+    }
+    let p50 = |i: usize| median(&figures[i].p50);
+    println!(
+        "  rampart-write p50 - native p50 = {:.0} µs (target <= 200)   rampart-write / glusterfs-r2 p50 = {:.2}",
+        p50(rampart) - p50(native),
+        p50(rampart) / p50(gluster)
+    );
+    let durable = find("rampart-durable");
+    println!(
+        "  rampart-durable p50 - native p50 = {:.0} µs",
+        p50(durable) - p50(native)
+    );
+    drop(targets);
+}

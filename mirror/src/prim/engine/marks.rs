@@ -1,0 +1,233 @@
+//! The bookkeeping cache: intents and the dirty set as recorded in the book, kept
+//! under the order lock so that a change consults them without reading RocksDB.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rampart_storage::{book, MarkKind, Marks};
+
+use super::{Engine, Phase, Touch};
+use crate::protocol::RelPath;
+
+/// Zones marked ahead of a write into an unmarked zone: sequential writers pay one
+/// synced bookkeeping write per this many zones.
+const MARK_AHEAD_ZONES: u64 = 16;
+
+/// Settled intents touched more recently than this stay recorded: a zone written again
+/// soon does not pay a synced bookkeeping write each time (DRBD's activity log keeps
+/// hot extents for the same reason). The price is resending them after a crash.
+const INTENT_LINGER: Duration = Duration::from_secs(5);
+
+/// One recorded intent. A zone marked ahead of a sequential writer may never be
+/// written: only `written` intents the peer does not durably hold become dirty when the
+/// link fails.
+#[derive(Clone, Copy)]
+pub(super) struct Intent {
+    /// The last sequence when it was recorded.
+    pub(super) marked: u64,
+    /// The last change that touched it.
+    pub(super) written: Option<u64>,
+    pub(super) touched: Instant,
+}
+
+impl Intent {
+    /// The peer durably holds every change this intent covers, and it is not hot.
+    fn settled(&self, durable: u64) -> bool {
+        self.written.unwrap_or(self.marked) <= durable && self.touched.elapsed() > INTENT_LINGER
+    }
+
+    fn unsettled_write(&self, durable: u64) -> bool {
+        self.written.is_some_and(|seq| seq > durable)
+    }
+}
+
+/// Bookkeeping cache and sequence, under the order lock.
+#[derive(Default)]
+pub(super) struct Order {
+    pub(super) last_seq: u64,
+    /// Intents recorded in the book.
+    pub(super) intent_zones: HashMap<(RelPath, u64), Intent>,
+    pub(super) intent_paths: HashMap<RelPath, Intent>,
+    /// Mirror of the book's dirty set.
+    pub(super) dirty: Marks,
+}
+
+impl Engine {
+    pub(super) fn record_intents(&self, order: &mut Order, touch: &Touch) -> Result<(), i32> {
+        let mut new = Marks::default();
+        for (path, zones) in &touch.marks.zones {
+            for zone in zones {
+                if !order.intent_zones.contains_key(&(path.clone(), *zone)) {
+                    for ahead in *zone..*zone + MARK_AHEAD_ZONES {
+                        if !order.intent_zones.contains_key(&(path.clone(), ahead)) {
+                            new.add_zone(path, ahead);
+                        }
+                    }
+                }
+            }
+        }
+        for path in &touch.marks.paths {
+            if !order.intent_paths.contains_key(path) {
+                new.add_path(path);
+            }
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.book.add(MarkKind::Intent, &new).map_err(|e| {
+            tracing::error!("cannot record replication intents: {e}");
+            libc::EIO
+        })?;
+        let mark = Intent {
+            marked: order.last_seq,
+            written: None,
+            touched: Instant::now(),
+        };
+        for (path, zones) in new.zones {
+            for zone in zones {
+                order.intent_zones.insert((path.clone(), zone), mark);
+            }
+        }
+        for path in new.paths {
+            order.intent_paths.insert(path, mark);
+        }
+        Ok(())
+    }
+
+    pub(super) fn record_dirty(&self, order: &mut Order, marks: &Marks) -> Result<(), i32> {
+        let mut new = Marks::default();
+        for (path, zones) in &marks.zones {
+            let known = order.dirty.zones.get(path);
+            for zone in zones {
+                if !known.is_some_and(|k| k.contains(zone)) {
+                    new.add_zone(path, *zone);
+                }
+            }
+        }
+        for path in &marks.paths {
+            if !order.dirty.paths.contains(path) {
+                new.add_path(path);
+            }
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.book.add(MarkKind::Dirty, &new).map_err(|e| {
+            tracing::error!("cannot record dirty zones: {e}");
+            libc::EIO
+        })?;
+        order.dirty.extend(&new);
+        Ok(())
+    }
+
+    /// Written intents the peer does not durably hold become dirty; the others (settled,
+    /// or marked ahead and never written) are dropped.
+    pub(super) fn intents_to_dirty(&self, order: &mut Order, durable: u64) {
+        let mut unsettled = Marks::default();
+        for ((path, zone), intent) in order.intent_zones.drain() {
+            if intent.unsettled_write(durable) {
+                unsettled.add_zone(&path, zone);
+            }
+        }
+        for (path, intent) in order.intent_paths.drain() {
+            if intent.unsettled_write(durable) {
+                unsettled.add_path(&path);
+            }
+        }
+        let moved = self.book.add(MarkKind::Dirty, &unsettled).and_then(|()| {
+            order.dirty.extend(&unsettled);
+            let recorded = self.book.marks(MarkKind::Intent)?;
+            self.book.clear(MarkKind::Intent, &recorded)
+        });
+        if let Err(e) = moved {
+            // Keep the conservative answer: every recorded intent is dirty.
+            tracing::error!("cannot move unsettled intents to the dirty set: {e}");
+            match self.book.intents_to_dirty() {
+                Ok(all) => order.dirty.extend(&all),
+                Err(e) => tracing::error!("cannot move intents to the dirty set: {e}"),
+            }
+        }
+    }
+
+    /// Clears intents whose every change the peer holds durably. Not synced.
+    pub(crate) fn clear_settled_intents(&self) {
+        let mut order = self.lock_order();
+        let durable = {
+            let link = self.lock_link();
+            if link.phase != Phase::Streaming {
+                return;
+            }
+            link.durable
+        };
+        let mut settled = Marks::default();
+        order.intent_zones.retain(|(path, zone), intent| {
+            let settle = intent.settled(durable);
+            if settle {
+                settled.add_zone(path, *zone);
+            }
+            !settle
+        });
+        order.intent_paths.retain(|path, intent| {
+            let settle = intent.settled(durable);
+            if settle {
+                settled.add_path(path);
+            }
+            !settle
+        });
+        if let Err(e) = self.book.clear(MarkKind::Intent, &settled) {
+            tracing::warn!("cannot clear settled intents: {e}");
+        }
+    }
+
+    /// A copy of the dirty set.
+    pub(crate) fn dirty(&self) -> Marks {
+        self.lock_order().dirty.clone()
+    }
+
+    /// Marks more work for reintegration (durably).
+    pub(crate) fn add_dirty(&self, marks: &Marks) -> Result<(), i32> {
+        let mut order = self.lock_order();
+        self.record_dirty(&mut order, marks)
+    }
+
+    /// Forgets dirty marks the peer now durably holds. Not synced.
+    pub(crate) fn clear_dirty(&self, marks: &Marks) {
+        let mut order = self.lock_order();
+        for (path, zones) in &marks.zones {
+            if let Some(known) = order.dirty.zones.get_mut(path) {
+                for zone in zones {
+                    known.remove(zone);
+                }
+                if known.is_empty() {
+                    order.dirty.zones.remove(path);
+                }
+            }
+        }
+        for path in &marks.paths {
+            order.dirty.paths.remove(path);
+        }
+        if let Err(e) = self.book.clear(MarkKind::Dirty, marks) {
+            tracing::warn!("cannot clear reintegrated marks: {e}");
+        }
+    }
+}
+
+pub(super) fn rename_in(order: &mut Order, from: &[u8], to: &[u8]) {
+    let moved = |path: &[u8]| book::is_within(path, from).then(|| book::reroot(path, from, to));
+    order.intent_zones = std::mem::take(&mut order.intent_zones)
+        .into_iter()
+        .map(|((path, zone), seq)| ((moved(&path).unwrap_or(path), zone), seq))
+        .collect();
+    order.intent_paths = std::mem::take(&mut order.intent_paths)
+        .into_iter()
+        .map(|(path, seq)| (moved(&path).unwrap_or(path), seq))
+        .collect();
+    let dirty = std::mem::take(&mut order.dirty);
+    for (path, zones) in dirty.zones {
+        let path = moved(&path).unwrap_or(path);
+        order.dirty.zones.entry(path).or_default().extend(zones);
+    }
+    for path in dirty.paths {
+        order.dirty.paths.insert(moved(&path).unwrap_or(path));
+    }
+}

@@ -1,0 +1,323 @@
+//! PRIM's replication engine: orders changes, keeps the bookkeeping, streams frames and
+//! answers the application once the acknowledgement mode is satisfied.
+//!
+//! Invariants:
+//! - A change is marked (intent while streaming, dirty otherwise) durably *before* it is
+//!   applied locally, so a crash never leaves a local change unknown to the book.
+//! - Local apply and enqueueing of its frame happen under one lock ([`Engine::begin`]),
+//!   so the stream carries changes in the order they hit the local tree; the
+//!   reintegration copier takes the same lock to read and send a zone.
+//! - A waiter is answered `Ok` only when the peer acknowledged its sequence at the
+//!   waiter's level, or when the caller decided to continue alone
+//!   ([`Engine::go_alone`]) after being told the peer was lost. Never otherwise.
+//! - Lock order: `order` before `link`. Phase changes take both.
+//!
+//! Parts:
+//! - [`change`]: one change in progress (marks, sequence, frame).
+//! - [`marks`]: the bookkeeping cache (intents, dirty set) under the order lock.
+//! - [`session`]: what the link and the reintegration copier call.
+
+mod change;
+mod marks;
+mod session;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use rampart_storage::{book, MarkKind, ReplicationBook};
+use tokio::sync::mpsc as amps;
+
+use crate::prim::{Event, PrimConfig, PrimStatus};
+use crate::protocol::Answer;
+use crate::tree::Tree;
+use crate::AckMode;
+pub use change::{Change, Ticket, Touch};
+use marks::Order;
+
+/// Where the stream stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Phase {
+    /// Connected: changes stream and wait for acknowledgements.
+    Streaming,
+    /// The peer stopped acknowledging; writes wait for the caller's decision.
+    Stalled,
+    /// The caller decided to continue without the peer: writes return at once and are
+    /// recorded as dirty.
+    Alone,
+    /// No longer PRIM: writes are refused.
+    Fenced,
+}
+
+/// What an application call waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Received,
+    Durable,
+}
+
+pub type Done = Box<dyn FnOnce(Result<(), i32>) + Send>;
+
+struct Waiter {
+    level: Level,
+    done: Done,
+}
+
+struct Link {
+    phase: Phase,
+    /// Frames for the current session's sender; `None` unless streaming.
+    frames: Option<amps::UnboundedSender<Vec<u8>>>,
+    /// Bumped whenever a session starts or ends: tickets and acknowledgements of an
+    /// older session are never taken for the current one.
+    session: u64,
+    /// The highest sequence the peer acknowledged as received / as on its disk.
+    received: u64,
+    durable: u64,
+    /// Sent, not yet received: (seq, bytes, when).
+    in_flight: VecDeque<(u64, usize, Instant)>,
+    in_flight_bytes: usize,
+    /// Application calls waiting for the acknowledgement of a sequence.
+    waiters: BTreeMap<u64, Vec<Waiter>>,
+    /// Waiting for the caller's decision (stalled) or for reintegration to finish.
+    parked: Vec<Waiter>,
+    /// Questions asked of the peer, by sequence.
+    answers: HashMap<u64, mpsc::Sender<Answer>>,
+    /// When the peer last sent anything (the watchdog's clock).
+    last_heard: Instant,
+}
+
+pub struct Engine {
+    pub tree: Tree,
+    pub book: ReplicationBook,
+    pub config: PrimConfig,
+    order: Mutex<Order>,
+    link: Mutex<Link>,
+    link_changed: Condvar,
+    /// Signalled when SECOND failed to apply a change: the link runs the copier again.
+    pub(crate) diverged: tokio::sync::Notify,
+    events: amps::UnboundedSender<Event>,
+    pub(crate) status: Mutex<PrimStatus>,
+}
+
+impl Engine {
+    pub fn new(
+        tree: Tree,
+        book: ReplicationBook,
+        config: PrimConfig,
+        events: amps::UnboundedSender<Event>,
+    ) -> Result<Engine, crate::MirrorError> {
+        // Intents of an earlier run as PRIM were never acknowledged as far as we know.
+        book.intents_to_dirty()?;
+        let dirty = book.marks(MarkKind::Dirty)?;
+        Ok(Engine {
+            tree,
+            book,
+            config,
+            order: Mutex::new(Order {
+                dirty,
+                ..Order::default()
+            }),
+            link: Mutex::new(Link {
+                phase: Phase::Stalled,
+                frames: None,
+                session: 0,
+                received: 0,
+                durable: 0,
+                in_flight: VecDeque::new(),
+                in_flight_bytes: 0,
+                waiters: BTreeMap::new(),
+                parked: Vec::new(),
+                answers: HashMap::new(),
+                last_heard: Instant::now(),
+            }),
+            link_changed: Condvar::new(),
+            diverged: tokio::sync::Notify::new(),
+            events,
+            status: Mutex::new(PrimStatus::default()),
+        })
+    }
+
+    fn lock_order(&self) -> MutexGuard<'_, Order> {
+        self.order.lock().expect("order lock")
+    }
+
+    fn lock_link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().expect("link lock")
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.lock_link().phase
+    }
+
+    /// True when `path` is excluded from replication.
+    pub fn not_replicated(&self, path: &[u8]) -> bool {
+        self.config
+            .not_replicated
+            .iter()
+            .any(|root| !root.is_empty() && book::is_within(path, root))
+    }
+
+    /// Starts a change: waits for room in the send window, takes the order lock and
+    /// records what the change touches (durably, when not already recorded).
+    pub fn begin(&self, touch: Touch) -> Result<Change<'_>, i32> {
+        self.wait_for_window();
+        let mut order = self.lock_order();
+        let phase = self.lock_link().phase;
+        match phase {
+            Phase::Fenced => return Err(libc::EROFS),
+            Phase::Streaming => self.record_intents(&mut order, &touch)?,
+            Phase::Stalled | Phase::Alone => self.record_dirty(&mut order, &touch.marks)?,
+        }
+        Ok(Change {
+            engine: self,
+            order,
+            phase,
+            touch,
+        })
+    }
+
+    fn wait_for_window(&self) {
+        let deadline = Instant::now() + self.config.link_timeout;
+        let mut link = self.lock_link();
+        while link.phase == Phase::Streaming && link.in_flight_bytes > self.config.window_bytes {
+            let now = Instant::now();
+            if now >= deadline {
+                return; // The watchdog stalls the link; the change is then marked dirty.
+            }
+            link = self
+                .link_changed
+                .wait_timeout(link, deadline - now)
+                .expect("link lock")
+                .0;
+        }
+    }
+
+    /// Sends a frame (the caller holds the order lock and the phase is Streaming).
+    fn send_frame(&self, frame: Vec<u8>, seq: Option<u64>) -> Option<u64> {
+        let mut link = self.lock_link();
+        let session = link.session;
+        let frames = link.frames.as_ref()?;
+        let len = frame.len();
+        if frames.send(frame).is_err() {
+            return None;
+        }
+        if let Some(seq) = seq {
+            link.in_flight.push_back((seq, len, Instant::now()));
+            link.in_flight_bytes += len;
+        }
+        Some(session)
+    }
+
+    /// Queues a frame outside the sequence (pings); false once `session` ended.
+    pub(crate) fn send_unsequenced(&self, session: u64, frame: Vec<u8>) -> bool {
+        let link = self.lock_link();
+        link.session == session && link.frames.as_ref().is_some_and(|f| f.send(frame).is_ok())
+    }
+
+    /// Answers `done` when `ticket` is satisfied at `level`.
+    pub fn wait(&self, ticket: Ticket, level: Level, done: Done) {
+        let mut link = self.lock_link();
+        match ticket {
+            Ticket::Now => {
+                drop(link);
+                done(Ok(()));
+            }
+            Ticket::Parked => link.parked.push(Waiter { level, done }),
+            Ticket::Sent { seq, session } => {
+                if session != link.session {
+                    // The session ended since: the change is in the dirty set.
+                    if link.phase == Phase::Alone {
+                        drop(link);
+                        return done(Ok(()));
+                    }
+                    return link.parked.push(Waiter { level, done });
+                }
+                let reached = match level {
+                    Level::Received => link.received,
+                    Level::Durable => link.durable,
+                };
+                if reached >= seq {
+                    drop(link);
+                    done(Ok(()));
+                } else {
+                    link.waiters
+                        .entry(seq)
+                        .or_default()
+                        .push(Waiter { level, done });
+                }
+            }
+        }
+    }
+
+    /// The level a write waits for in this module's mode, if any.
+    pub fn write_level(&self) -> Option<Level> {
+        match self.config.ack {
+            AckMode::Write => Some(Level::Received),
+            AckMode::Durable => Some(Level::Durable),
+            AckMode::Fsync => None,
+        }
+    }
+
+    /// What an fsync waits for from the peer, besides the local sync. Nothing in
+    /// `write` and `durable` modes: every change an fsync covers has returned, so the
+    /// peer already holds it at the level the mode promises.
+    pub fn fsync_level(&self) -> Option<Level> {
+        match self.config.ack {
+            AckMode::Write | AckMode::Durable => None,
+            AckMode::Fsync => Some(Level::Durable),
+        }
+    }
+
+    /// The caller recorded that the peer is not up to date: continue without it.
+    /// Parked writes return success.
+    pub fn go_alone(&self) {
+        let parked = {
+            let mut link = self.lock_link();
+            if link.phase != Phase::Stalled {
+                return;
+            }
+            link.phase = Phase::Alone;
+            std::mem::take(&mut link.parked)
+        };
+        self.set_status(|s| s.phase = Phase::Alone);
+        for waiter in parked {
+            (waiter.done)(Ok(()));
+        }
+    }
+
+    /// Stop acting as PRIM: every waiting and later change fails.
+    pub fn fence(&self) {
+        let _order = self.lock_order();
+        let (parked, waiters) = {
+            let mut link = self.lock_link();
+            link.phase = Phase::Fenced;
+            link.session += 1;
+            link.frames = None;
+            link.answers.clear();
+            (
+                std::mem::take(&mut link.parked),
+                std::mem::take(&mut link.waiters),
+            )
+        };
+        self.set_status(|s| s.phase = Phase::Fenced);
+        for waiter in parked.into_iter().chain(waiters.into_values().flatten()) {
+            (waiter.done)(Err(libc::EIO));
+        }
+    }
+
+    /// Reintegration finished: the peer holds everything; parked writes return.
+    pub(crate) fn release_parked(&self) {
+        let parked = std::mem::take(&mut self.lock_link().parked);
+        for waiter in parked {
+            (waiter.done)(Ok(()));
+        }
+    }
+
+    pub(crate) fn event(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    pub(crate) fn set_status(&self, f: impl FnOnce(&mut PrimStatus)) {
+        f(&mut self.status.lock().expect("status lock"));
+    }
+}

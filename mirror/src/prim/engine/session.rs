@@ -1,0 +1,291 @@
+//! What the link (acknowledgements, answers, loss) and the reintegration copier
+//! (reads sent under the order lock, questions, the sync point) call.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rampart_storage::{JournalEntry, MarkKind, Marks};
+use tokio::sync::mpsc as amps;
+
+use super::{Engine, Level, Phase};
+use crate::prim::Event;
+use crate::protocol::{self, Answer, Down, Op, Request};
+use crate::tree::Tree;
+
+impl Engine {
+    /// A session is up: from now on changes stream to `frames`. Returns the session id.
+    /// `overwrite` are the peer's own marks, already mapped to this tree's names.
+    pub(crate) fn start_session(
+        &self,
+        frames: amps::UnboundedSender<Vec<u8>>,
+        replay: Option<Vec<JournalEntry>>,
+        overwrite: &Marks,
+    ) -> Result<u64, crate::MirrorError> {
+        let mut order = self.lock_order();
+        self.book.add(MarkKind::Dirty, overwrite)?;
+        order.dirty.extend(overwrite);
+        let mut link = self.lock_link();
+        if let Some(entries) = replay.filter(|e| !e.is_empty()) {
+            let epoch = self.config.epoch;
+            let _ = frames.send(protocol::encode(&Down::Replay { epoch, entries }, &[]));
+        }
+        link.session += 1;
+        link.frames = Some(frames);
+        link.phase = Phase::Streaming;
+        link.received = order.last_seq;
+        link.durable = order.last_seq;
+        link.in_flight.clear();
+        link.in_flight_bytes = 0;
+        link.last_heard = Instant::now();
+        let session = link.session;
+        drop(link);
+        self.set_status(|s| {
+            s.phase = Phase::Streaming;
+            s.connected = true;
+        });
+        Ok(session)
+    }
+
+    /// The peer acknowledged.
+    pub(crate) fn on_ack(&self, session: u64, received: u64, durable: u64) {
+        let mut ready = Vec::new();
+        {
+            let mut link = self.lock_link();
+            if link.session != session {
+                return;
+            }
+            link.last_heard = Instant::now();
+            link.received = link.received.max(received);
+            link.durable = link.durable.max(durable);
+            while let Some(&(seq, len, _)) = link.in_flight.front() {
+                if seq > link.received {
+                    break;
+                }
+                link.in_flight.pop_front();
+                link.in_flight_bytes -= len;
+            }
+            let (received, durable) = (link.received, link.durable);
+            let settled: Vec<u64> = link.waiters.range(..=received).map(|(s, _)| *s).collect();
+            for seq in settled {
+                let waiters = link.waiters.remove(&seq).expect("just listed");
+                let mut keep = Vec::new();
+                for waiter in waiters {
+                    if waiter.level == Level::Received || durable >= seq {
+                        ready.push(waiter.done);
+                    } else {
+                        keep.push(waiter);
+                    }
+                }
+                if !keep.is_empty() {
+                    link.waiters.insert(seq, keep);
+                }
+            }
+        }
+        self.link_changed.notify_all();
+        for done in ready {
+            done(Ok(()));
+        }
+        self.set_status(|s| {
+            s.acked = received;
+            s.durable = durable;
+        });
+    }
+
+    pub(crate) fn on_heard(&self, session: u64) {
+        let mut link = self.lock_link();
+        if link.session == session {
+            link.last_heard = Instant::now();
+        }
+    }
+
+    pub(crate) fn on_answer(&self, session: u64, seq: u64, answer: Answer) {
+        let mut link = self.lock_link();
+        if link.session == session {
+            link.last_heard = Instant::now();
+            if let Some(tx) = link.answers.remove(&seq) {
+                let _ = tx.send(answer);
+            }
+        }
+    }
+
+    /// SECOND could not apply `seq` on `path`: reconcile the path (whole content).
+    pub(crate) fn on_failed(&self, path: &[u8], error: &str) {
+        tracing::warn!(path = %String::from_utf8_lossy(path), "SECOND failed to apply a change: {error}");
+        let mut order = self.lock_order();
+        let mut marks = Marks::default();
+        marks.add_path(path);
+        let parent = match path.iter().rposition(|b| *b == b'/') {
+            Some(slash) => path[..slash].to_vec(),
+            None => Vec::new(),
+        };
+        marks.add_path(&parent);
+        if let Ok(Some(meta)) = self.tree.meta(path) {
+            for zone in 0..meta.size.div_ceil(self.config.zone_size) {
+                marks.add_zone(path, zone);
+            }
+        }
+        if let Err(e) = self.record_dirty(&mut order, &marks) {
+            tracing::error!("cannot record a divergence: errno {e}");
+        }
+        drop(order);
+        self.diverged.notify_one();
+        let _ = self.events.send(Event::Diverged {
+            path: String::from_utf8_lossy(path).into_owned(),
+            error: error.to_string(),
+        });
+    }
+
+    /// True when the current session heard nothing for the link timeout.
+    pub(crate) fn silent_too_long(&self, session: u64) -> bool {
+        let link = self.lock_link();
+        link.session == session
+            && link.phase == Phase::Streaming
+            && link.last_heard.elapsed() > self.config.link_timeout
+    }
+
+    /// The session ended (error or timeout): in-flight changes become dirty and the
+    /// waiters are parked until the caller decides. Reported as [`Event::PeerLost`].
+    pub(crate) fn stall(&self, session: u64, reason: String) {
+        let mut order = self.lock_order();
+        let mut link = self.lock_link();
+        if link.session != session || link.phase != Phase::Streaming {
+            return;
+        }
+        link.session += 1;
+        link.frames = None;
+        link.phase = Phase::Stalled;
+        link.in_flight.clear();
+        link.in_flight_bytes = 0;
+        link.answers.clear();
+        let durable = link.durable;
+        let waiters = std::mem::take(&mut link.waiters);
+        for (_, waiters) in waiters {
+            link.parked.extend(waiters);
+        }
+        drop(link);
+        self.intents_to_dirty(&mut order, durable);
+        drop(order);
+        self.link_changed.notify_all();
+        tracing::warn!("replication peer lost: {reason}");
+        self.set_status(|s| {
+            s.phase = Phase::Stalled;
+            s.connected = false;
+            s.last_error = Some(reason.clone());
+        });
+        let _ = self.events.send(Event::PeerLost { reason });
+        if self.config.continue_alone {
+            self.go_alone();
+        }
+    }
+
+    /// Runs `read` under the order lock and sends the operation it returns, for the
+    /// copier: what it read cannot be overtaken by a live change. Returns the sequence
+    /// sent, `Ok(None)` if `read` chose to send nothing.
+    pub(crate) fn send_current(
+        &self,
+        session: u64,
+        read: impl FnOnce(&Tree) -> std::io::Result<Option<(Op, Vec<u8>)>>,
+    ) -> Result<Option<u64>, String> {
+        let mut order = self.lock_order();
+        if self.lock_link().session != session {
+            return Err("the session ended".into());
+        }
+        let Some((op, data)) = read(&self.tree).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        order.last_seq += 1;
+        let seq = order.last_seq;
+        let frame = protocol::encode(
+            &Down::Op {
+                epoch: self.config.epoch,
+                seq,
+                op,
+            },
+            &data,
+        );
+        self.send_frame(frame, Some(seq))
+            .ok_or_else(|| "the session ended".to_string())?;
+        Ok(Some(seq))
+    }
+
+    /// Asks the peer a question and waits for the answer.
+    pub(crate) fn ask(
+        &self,
+        session: u64,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Answer, String> {
+        let rx = {
+            let mut order = self.lock_order();
+            order.last_seq += 1;
+            let seq = order.last_seq;
+            let (tx, rx) = mpsc::channel();
+            {
+                let mut link = self.lock_link();
+                if link.session != session {
+                    return Err("the session ended".into());
+                }
+                link.answers.insert(seq, tx);
+            }
+            let frame = protocol::encode(
+                &Down::Ask {
+                    epoch: self.config.epoch,
+                    seq,
+                    request,
+                },
+                &[],
+            );
+            self.send_frame(frame, Some(seq))
+                .ok_or_else(|| "the session ended".to_string())?;
+            rx
+        };
+        rx.recv_timeout(timeout)
+            .map_err(|_| "no answer from the peer".to_string())
+    }
+
+    /// Waits until the peer durably holds everything up to `seq`.
+    pub(crate) fn wait_durable(&self, session: u64, seq: u64) -> Result<(), String> {
+        let mut link = self.lock_link();
+        loop {
+            if link.session != session {
+                return Err("the session ended".into());
+            }
+            if link.durable >= seq {
+                return Ok(());
+            }
+            link = self
+                .link_changed
+                .wait_timeout(link, Duration::from_millis(100))
+                .expect("link lock")
+                .0;
+        }
+    }
+
+    /// Sends the new sync point once nothing is dirty; `None` if something is.
+    pub(crate) fn send_sync_point(
+        &self,
+        session: u64,
+        point: rampart_storage::SyncPoint,
+    ) -> Result<Option<u64>, String> {
+        let mut order = self.lock_order();
+        if self.lock_link().session != session {
+            return Err("the session ended".into());
+        }
+        if !order.dirty.is_empty() {
+            return Ok(None);
+        }
+        order.last_seq += 1;
+        let seq = order.last_seq;
+        let frame = protocol::encode(
+            &Down::SyncPoint {
+                epoch: self.config.epoch,
+                seq,
+                point,
+            },
+            &[],
+        );
+        self.send_frame(frame, Some(seq))
+            .ok_or_else(|| "the session ended".to_string())?;
+        Ok(Some(seq))
+    }
+}

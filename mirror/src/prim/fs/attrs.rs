@@ -1,0 +1,150 @@
+//! Attributes: conversions between the real tree's stat and FUSE's, setattr and the
+//! extended attribute changes.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyAttr, ReplyEmpty, TimeOrNow};
+
+use super::{MirrorFs, TTL};
+use crate::prim::engine::{Level, Ticket, Touch};
+use crate::protocol::{Kind, Op, RelPath, SetTime, Time};
+use crate::tree::kind_of;
+
+pub(super) fn errno_of(e: std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+pub(super) fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn system_time(secs: i64, nanos: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos as u64)
+    }
+}
+
+pub(super) fn attr_of(ino: u64, stat: &rustix::fs::Stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: stat.st_size as u64,
+        blocks: stat.st_blocks as u64,
+        atime: system_time(stat.st_atime, stat.st_atime_nsec as i64),
+        mtime: system_time(stat.st_mtime, stat.st_mtime_nsec as i64),
+        ctime: system_time(stat.st_ctime, stat.st_ctime_nsec as i64),
+        crtime: UNIX_EPOCH,
+        kind: file_type(kind_of(stat.st_mode)),
+        perm: (stat.st_mode & 0o7777) as u16,
+        nlink: stat.st_nlink as u32,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        rdev: stat.st_rdev as u32,
+        blksize: stat.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+pub(super) fn set_time(time: Option<TimeOrNow>) -> Option<SetTime> {
+    time.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(at) => {
+            let (secs, nanos) = match at.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+                Err(e) => (-(e.duration().as_secs() as i64), 0),
+            };
+            SetTime::At(Time { secs, nanos })
+        }
+    })
+}
+
+impl MirrorFs {
+    /// The attribute part of setattr (`attrs`: an [`Op::SetAttr`], or `None` when only
+    /// the size changed), answered with the attributes as they are then.
+    pub(super) fn set_attributes(
+        &self,
+        ino: INodeNo,
+        path: RelPath,
+        attrs: Option<Op>,
+        reply: ReplyAttr,
+    ) {
+        let level = self.engine.write_level();
+        let engine = self.engine.clone();
+        let stat_path = path.clone();
+        let finish = move |result: Result<(), Errno>| {
+            let stat = result.and_then(|()| match engine.tree.stat(&stat_path) {
+                Ok(Some(stat)) => Ok(stat),
+                Ok(None) => Err(Errno::ENOENT),
+                Err(e) => Err(errno_of(e)),
+            });
+            match stat {
+                Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
+                Err(e) => reply.error(e),
+            }
+        };
+        let Some(op) = attrs else {
+            // A truncation alone waits for its acknowledgement like a write.
+            let engine = self.engine.clone();
+            let ticket = if level.is_some() {
+                engine.begin(Touch::default()).map(|c| {
+                    c.commit(
+                        Op::Fsync {
+                            path: path.clone(),
+                            datasync: true,
+                        },
+                        &[],
+                    )
+                })
+            } else {
+                Ok(Ticket::Now)
+            };
+            return match ticket {
+                Ok(ticket) => engine.wait(
+                    ticket,
+                    level.unwrap_or(Level::Received),
+                    Box::new(move |r| finish(r.map_err(Errno::from_i32))),
+                ),
+                Err(e) => finish(Err(Errno::from_i32(e))),
+            };
+        };
+        let tree_engine = self.engine.clone();
+        self.change(
+            &path,
+            Touch::path(&path),
+            level.or(Some(Level::Received)),
+            move || {
+                tree_engine.tree.apply(&op, &[])?;
+                Ok((op, Vec::new(), ()))
+            },
+            finish,
+        );
+    }
+
+    /// setxattr and removexattr.
+    pub(super) fn attribute_change(&self, op: Op, value: Vec<u8>, reply: ReplyEmpty) {
+        let path = op.path().to_vec();
+        let engine = self.engine.clone();
+        self.change(
+            &path,
+            Touch::path(&path),
+            engine.write_level().or(Some(Level::Received)),
+            move || {
+                engine.tree.apply(&op, &value)?;
+                Ok((op, value, ()))
+            },
+            move |result| match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
+    }
+}

@@ -1,0 +1,350 @@
+//! File contents: writes, truncation, creation with an open handle, fallocate and
+//! fsync. A write is streamed to SECOND before the local pwrite (see
+//! [`crate::prim::engine::Change::write_ahead`]); an fsync runs the local sync and
+//! waits for SECOND's at the same time.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use fuser::{
+    Errno, FileHandle, FopenFlags, Generation, INodeNo, ReplyCreate, ReplyEmpty, ReplyWrite,
+    Request,
+};
+use rustix::fs::{Mode, OFlags};
+
+use super::attrs::{attr_of, errno_of};
+use super::handles::{Handle, IoMode};
+use super::{MirrorFs, TTL};
+use crate::prim::engine::{Level, Ticket, Touch};
+use crate::protocol::Op;
+use crate::tree::{join, write_all_at};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A few long-lived threads for blocking fsyncs: starting a thread per fsync costs
+/// tens of microseconds on the latency applications measure.
+pub(super) struct Syncers {
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+impl Syncers {
+    const THREADS: usize = 4;
+
+    pub(super) fn new() -> Syncers {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..Self::THREADS {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("mirror-fsync-{i}"))
+                .spawn(move || loop {
+                    // The sender lives as long as the file system: an error means it is gone.
+                    let Ok(job) = queue.lock().expect("fsync queue").recv() else {
+                        return;
+                    };
+                    job();
+                })
+                .expect("spawn an fsync thread");
+        }
+        Syncers {
+            jobs: Mutex::new(jobs),
+        }
+    }
+
+    pub(super) fn run(&self, job: impl FnOnce() + Send + 'static) {
+        let _ = self.jobs.lock().expect("fsync jobs").send(Box::new(job));
+    }
+}
+
+impl MirrorFs {
+    pub(super) fn write_data(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        reply: ReplyWrite,
+    ) {
+        let fd = match self.handle_fd(fh) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
+        let len = data.len() as u32;
+        let Ok(path) = self.path(ino) else {
+            // Unlinked: no name on SECOND either; the bytes are unreachable once closed.
+            return match write_all_at(fd.as_fd(), data, offset) {
+                Ok(()) => reply.written(len),
+                Err(e) => reply.error(errno_of(e)),
+            };
+        };
+        let touch = Touch::range(
+            &path,
+            offset,
+            data.len() as u64,
+            self.engine.config.zone_size,
+        );
+        if self.engine.not_replicated(&path) {
+            return match write_all_at(fd.as_fd(), data, offset) {
+                Ok(()) => reply.written(len),
+                Err(e) => reply.error(errno_of(e)),
+            };
+        }
+        let change = match self.engine.begin(touch) {
+            Ok(change) => change,
+            Err(errno) => return reply.error(Errno::from_i32(errno)),
+        };
+        let op = Op::Write { path, offset };
+        match change.write_ahead(op, data, || write_all_at(fd.as_fd(), data, offset)) {
+            Ok(ticket) => match self.engine.write_level() {
+                None => reply.written(len),
+                Some(level) => self.engine.wait(
+                    ticket,
+                    level,
+                    Box::new(move |result| match result {
+                        Ok(()) => reply.written(len),
+                        Err(errno) => reply.error(Errno::from_i32(errno)),
+                    }),
+                ),
+            },
+            Err(e) => reply.error(errno_of(e)),
+        }
+    }
+
+    /// Truncates `path` (through the open handle when there is one) as a change of its
+    /// own; setattr sends the other attributes after it.
+    pub(super) fn truncate(
+        &self,
+        path: &[u8],
+        fh: Option<FileHandle>,
+        size: u64,
+    ) -> Result<(), Errno> {
+        let fd = fh.and_then(|fh| self.handle_fd(fh).ok());
+        let engine = self.engine.clone();
+        let op_path = path.to_vec();
+        let touch = Touch::path(path).and_range(path, size, 1, engine.config.zone_size);
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.change(
+            path,
+            touch,
+            None,
+            move || {
+                match fd {
+                    Some(fd) => rustix::fs::ftruncate(fd.as_fd(), size)
+                        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?,
+                    None => engine.tree.apply(
+                        &Op::Truncate {
+                            path: op_path.clone(),
+                            size,
+                        },
+                        &[],
+                    )?,
+                }
+                Ok((
+                    Op::Truncate {
+                        path: op_path,
+                        size,
+                    },
+                    Vec::new(),
+                    (),
+                ))
+            },
+            move |result| {
+                let _ = tx.send(result);
+            },
+        );
+        // Without an acknowledgement level `change` answers before it returns.
+        rx.recv().unwrap_or(Ok(()))
+    }
+
+    /// create: the file and its open handle (the umask is already applied to `mode`).
+    pub(super) fn create_file(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let Ok(parent_path) = self.path(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let path = join(&parent_path, name.as_bytes());
+        let (uid, gid, _) = self.owner(req, &parent_path);
+        let perm = mode & 0o7777;
+        let engine = self.engine.clone();
+        let open_flags = OFlags::from_bits_retain(
+            (flags & (libc::O_ACCMODE | libc::O_EXCL | libc::O_SYNC | libc::O_DSYNC)) as u32,
+        ) | OFlags::CREATE
+            | OFlags::NOFOLLOW;
+        let local_path = path.clone();
+        let touch = Touch::path(&parent_path);
+        let level = engine.write_level().or(Some(Level::Received));
+        let ino = self.inodes().lookup(parent.0, name.as_bytes());
+        let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
+        let attr = Arc::new(Mutex::new(None));
+        let attr_out = attr.clone();
+        let handles = self.handles.clone();
+        self.change(
+            &path,
+            touch,
+            level,
+            || {
+                let fd = engine.tree.open_at(&local_path, open_flags, perm)?;
+                let io = |e: rustix::io::Errno| std::io::Error::from_raw_os_error(e.raw_os_error());
+                rustix::fs::fchown(
+                    &fd,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(io)?;
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(perm)).map_err(io)?;
+                let stat = rustix::fs::fstat(&fd).map_err(io)?;
+                *attr_out.lock().expect("attr slot") = Some(attr_of(ino, &stat));
+                // Registered before the reply: the kernel uses the handle at once.
+                if let Some(node) = self.inodes().nodes.get_mut(&ino) {
+                    node.cached_opens += 1;
+                }
+                self.handles.lock().expect("handle lock").insert(
+                    fh,
+                    Handle {
+                        fd: Arc::new(fd),
+                        ino,
+                        mode: IoMode::Cached,
+                        _backing: None,
+                    },
+                );
+                Ok((
+                    Op::Create {
+                        path: local_path.clone(),
+                        perm,
+                        uid,
+                        gid,
+                    },
+                    Vec::new(),
+                    (),
+                ))
+            },
+            move |result| match (result, attr.lock().expect("attr slot").take()) {
+                (Ok(()), Some(attr)) => reply.created(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                (result, _) => {
+                    // No handle for the kernel: forget ours.
+                    handles.lock().expect("handle lock").remove(&fh);
+                    reply.error(result.err().unwrap_or(Errno::EIO));
+                }
+            },
+        );
+    }
+
+    pub(super) fn allocate(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let (fd, path) = match (self.handle_fd(fh), self.path(ino)) {
+            (Ok(fd), Ok(path)) => (fd, path),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let touch =
+            Touch::path(&path).and_range(&path, offset, length, self.engine.config.zone_size);
+        let op = Op::Fallocate {
+            path: path.clone(),
+            mode,
+            offset,
+            len: length,
+        };
+        self.change(
+            &path,
+            touch,
+            self.engine.write_level().or(Some(Level::Received)),
+            move || {
+                rustix::fs::fallocate(
+                    fd.as_fd(),
+                    rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+                    offset,
+                    length,
+                )
+                .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
+                Ok((op, Vec::new(), ()))
+            },
+            move |result| match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
+    }
+
+    /// fsync: the local sync runs on a worker thread while, in `fsync` mode, the peer
+    /// is asked for the same; the caller waits for both.
+    pub(super) fn sync(
+        &self,
+        ino: INodeNo,
+        fd: Option<Arc<OwnedFd>>,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(_) => {
+                // Unlinked: only the local file matters.
+                let result = fd.map_or(Ok(()), |fd| rustix::fs::fsync(fd.as_fd()));
+                return match result {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+                };
+            }
+        };
+        let level = self.engine.fsync_level();
+        let ticket = if level.is_some() && !self.engine.not_replicated(&path) {
+            match self.engine.begin(Touch::default()) {
+                Ok(change) => change.commit(
+                    Op::Fsync {
+                        path: path.clone(),
+                        datasync,
+                    },
+                    &[],
+                ),
+                Err(e) => return reply.error(Errno::from_i32(e)),
+            }
+        } else {
+            Ticket::Now
+        };
+        let engine = self.engine.clone();
+        self.syncers.run(move || {
+            let local = match &fd {
+                Some(fd) if datasync => rustix::fs::fdatasync(fd.as_fd()),
+                Some(fd) => rustix::fs::fsync(fd.as_fd()),
+                None => match engine.tree.open_at(&path, OFlags::RDONLY, 0) {
+                    Ok(fd) => rustix::fs::fsync(&fd),
+                    Err(e) => Err(rustix::io::Errno::from_raw_os_error(
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                    )),
+                },
+            };
+            if let Err(e) = local {
+                return reply.error(Errno::from_i32(e.raw_os_error()));
+            }
+            engine.wait(
+                ticket,
+                level.unwrap_or(Level::Received),
+                Box::new(move |result| match result {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(Errno::from_i32(e)),
+                }),
+            );
+        });
+    }
+}

@@ -1,0 +1,560 @@
+//! The FUSE file system mounted over the replicated directory on PRIM.
+//!
+//! Each mutating request is applied to the real tree underneath (through the
+//! descriptor opened before mounting) inside an engine [`Change`], then answered only
+//! when the acknowledgement mode allows, from whichever thread sees the acknowledgement.
+//! Reads of files opened read-only go straight to the real file through FUSE
+//! passthrough and never reach this process.
+//!
+//! - [`inodes`]: inode numbers by (parent, name).
+//! - [`handles`]: open files (cached or passthrough) and directories.
+//! - [`namespace`]: create, link, remove, rename.
+//! - [`data`]: write, truncate, create-and-open, fallocate, fsync.
+//! - [`attrs`]: setattr, extended attributes, stat conversions.
+//!
+//! [`Change`]: crate::prim::engine::Change
+
+mod attrs;
+mod data;
+mod handles;
+mod inodes;
+mod namespace;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+
+use crate::prim::engine::{Engine, Level, Ticket, Touch};
+use crate::protocol::{Kind, Op, RelPath};
+use crate::tree::{join, read_at};
+use attrs::{attr_of, errno_of, file_type, set_time};
+use data::Syncers;
+use handles::{DirHandle, Handle};
+use inodes::Inodes;
+
+/// How long the kernel may cache entries and attributes: every change goes through
+/// this file system, which answers with fresh attributes.
+const TTL: Duration = Duration::from_secs(1);
+
+pub(crate) struct MirrorFs {
+    engine: Arc<Engine>,
+    inodes: Mutex<Inodes>,
+    handles: Arc<Mutex<HashMap<u64, Handle>>>,
+    dirs: Mutex<HashMap<u64, DirHandle>>,
+    next_handle: AtomicU64,
+    passthrough: AtomicBool,
+    /// Local fsyncs run here, off the FUSE dispatch thread.
+    syncers: Syncers,
+}
+
+impl MirrorFs {
+    pub(crate) fn new(engine: Arc<Engine>) -> Self {
+        MirrorFs {
+            engine,
+            inodes: Mutex::new(Inodes::new()),
+            handles: Arc::new(Mutex::new(HashMap::new())),
+            dirs: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            passthrough: AtomicBool::new(false),
+            syncers: Syncers::new(),
+        }
+    }
+
+    fn inodes(&self) -> std::sync::MutexGuard<'_, Inodes> {
+        self.inodes.lock().expect("inode lock")
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<RelPath, Errno> {
+        self.inodes().path(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<RelPath, Errno> {
+        Ok(join(&self.path(parent)?, name.as_bytes()))
+    }
+
+    fn handle_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
+        self.handles
+            .lock()
+            .expect("handle lock")
+            .get(&fh.0)
+            .map(|h| h.fd.clone())
+            .ok_or(Errno::EBADF)
+    }
+
+    /// Applies a change locally with `local`, then streams `op`; `done` runs once the
+    /// acknowledgement mode is satisfied (or at once for unreplicated paths).
+    fn change<T: Send + 'static>(
+        &self,
+        path: &[u8],
+        touch: Touch,
+        level: Option<Level>,
+        local: impl FnOnce() -> std::io::Result<(Op, Vec<u8>, T)>,
+        done: impl FnOnce(Result<T, Errno>) + Send + 'static,
+    ) {
+        if self.engine.not_replicated(path) {
+            return done(local().map(|(_, _, t)| t).map_err(errno_of));
+        }
+        let change = match self.engine.begin(touch) {
+            Ok(change) => change,
+            Err(errno) => return done(Err(Errno::from_i32(errno))),
+        };
+        let (op, data, value) = match local() {
+            Ok(applied) => applied,
+            Err(e) => {
+                drop(change);
+                return done(Err(errno_of(e)));
+            }
+        };
+        let ticket = change.commit(op, &data);
+        match level {
+            None => {
+                self.engine
+                    .wait(Ticket::Now, Level::Received, Box::new(|_| {}));
+                done(Ok(value));
+            }
+            Some(level) => self.engine.wait(
+                ticket,
+                level,
+                Box::new(move |result| done(result.map(|()| value).map_err(Errno::from_i32))),
+            ),
+        }
+    }
+}
+
+impl Filesystem for MirrorFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        if self.engine.config.passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok()
+        {
+            self.passthrough.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let path = match self.child(parent, name) {
+            Ok(path) => path,
+            Err(e) => return reply.error(e),
+        };
+        match self.engine.tree.stat(&path) {
+            Ok(Some(stat)) => {
+                let ino = self.inodes().lookup(parent.0, name.as_bytes());
+                reply.entry(&TTL, &attr_of(ino, &stat), Generation(0));
+            }
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(errno_of(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes().forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let stat = match fh.map(|fh| self.handle_fd(fh)) {
+            Some(Ok(fd)) => {
+                rustix::fs::fstat(fd.as_fd()).map_err(|e| Errno::from_i32(e.raw_os_error()))
+            }
+            _ => match self.path(ino) {
+                Ok(path) => match self.engine.tree.stat(&path) {
+                    Ok(Some(stat)) => Ok(stat),
+                    Ok(None) => Err(Errno::ENOENT),
+                    Err(e) => Err(errno_of(e)),
+                },
+                Err(e) => Err(e),
+            },
+        };
+        match stat {
+            Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(e) => return reply.error(e),
+        };
+        if let Some(size) = size {
+            if let Err(e) = self.truncate(&path, fh, size) {
+                return reply.error(e);
+            }
+        }
+        let changed =
+            mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
+        let attrs = Op::SetAttr {
+            path: path.clone(),
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        self.set_attributes(ino, path, changed.then_some(attrs), reply);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .path(ino)
+            .and_then(|p| self.engine.tree.meta(&p).map_err(errno_of))
+        {
+            Ok(Some(meta)) if meta.kind == Kind::Symlink => reply.data(&meta.target),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make_node(req, parent, name, mode & !umask, rdev, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make_dir(req, parent, name, mode & !umask, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.make_symlink(req, parent, link_name, target, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.rename_entry(parent, name, newparent, newname, flags, reply);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.make_link(ino, newparent, newname, reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.open_file(ino, flags, reply);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self
+            .handle_fd(fh)
+            .and_then(|fd| read_at(fd.as_fd(), offset, size as usize).map_err(errno_of))
+        {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.write_data(ino, fh, offset, data, reply);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.release_handle(fh, reply);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fd = self.handle_fd(fh).ok();
+        self.sync(ino, fd, datasync, reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let entries = match self
+            .path(ino)
+            .and_then(|p| self.engine.tree.entries(&p).map_err(errno_of))
+        {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
+        self.dirs
+            .lock()
+            .expect("dir lock")
+            .insert(fh, DirHandle { entries });
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dirs = self.dirs.lock().expect("dir lock");
+        let Some(dir) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let dots = [(&b"."[..], ino.0), (&b".."[..], ino.0)];
+        let all = dots
+            .iter()
+            .map(|(n, i)| (*n, FileType::Directory, *i))
+            .chain(
+                dir.entries
+                    .iter()
+                    .map(|(n, k, i)| (&n[..], file_type(*k), *i)),
+            );
+        for (index, (name, kind, entry_ino)) in all.enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(entry_ino.max(1)),
+                index as u64 + 1,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().expect("dir lock").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.sync(ino, None, datasync, reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match rustix::fs::fstatvfs(self.engine.tree.root()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let op = match self.path(ino) {
+            Ok(path) => Op::SetXattr {
+                path,
+                name: name.as_bytes().to_vec(),
+                flags,
+            },
+            Err(e) => return reply.error(e),
+        };
+        self.attribute_change(op, value.to_vec(), reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.path(ino).and_then(|p| {
+            self.engine
+                .tree
+                .get_xattr(&p, name.as_bytes())
+                .map_err(errno_of)
+        }) {
+            Ok(value) if size == 0 => reply.size(value.len() as u32),
+            Ok(value) if value.len() <= size as usize => reply.data(&value),
+            Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self
+            .path(ino)
+            .and_then(|p| self.engine.tree.list_xattr(&p).map_err(errno_of))
+        {
+            Ok(names) if size == 0 => reply.size(names.len() as u32),
+            Ok(names) if names.len() <= size as usize => reply.data(&names),
+            Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let op = match self.path(ino) {
+            Ok(path) => Op::RemoveXattr {
+                path,
+                name: name.as_bytes().to_vec(),
+            },
+            Err(e) => return reply.error(e),
+        };
+        self.attribute_change(op, Vec::new(), reply);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.create_file(req, parent, name, mode & !umask, flags, reply);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.allocate(ino, fh, offset, length, mode, reply);
+    }
+}

@@ -1,0 +1,258 @@
+//! Entries: creating, linking, removing and renaming names. Each is one change whose
+//! bookkeeping mark is the parent directory (reintegration compares a directory's
+//! children with SECOND's).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use fuser::{Errno, Generation, INodeNo, RenameFlags, ReplyEmpty, ReplyEntry, Request};
+
+use super::attrs::attr_of;
+use super::{MirrorFs, TTL};
+use crate::prim::engine::{Level, Touch};
+use crate::protocol::{Kind, Op, RelPath};
+use crate::tree::{join, kind_of};
+
+pub(super) fn parent_of(path: &[u8]) -> RelPath {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(slash) => path[..slash].to_vec(),
+        None => Vec::new(),
+    }
+}
+
+impl MirrorFs {
+    /// mknod (`mode` carries the file type; the umask is already applied).
+    pub(super) fn make_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Ok(parent_path) = self.path(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let (uid, gid, _) = self.owner(req, &parent_path);
+        let kind = kind_of(mode);
+        let op = if kind == Kind::File {
+            Op::Create {
+                path: join(&parent_path, name.as_bytes()),
+                perm: mode & 0o7777,
+                uid,
+                gid,
+            }
+        } else {
+            Op::Mknod {
+                path: join(&parent_path, name.as_bytes()),
+                kind,
+                perm: mode & 0o7777,
+                rdev: rdev.into(),
+                uid,
+                gid,
+            }
+        };
+        self.create_entry(parent, name, op, reply);
+    }
+
+    /// mkdir (the umask is already applied to `mode`).
+    pub(super) fn make_dir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        reply: ReplyEntry,
+    ) {
+        let Ok(parent_path) = self.path(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let (uid, gid, setgid) = self.owner(req, &parent_path);
+        let mut perm = mode & 0o7777;
+        if setgid {
+            perm |= libc::S_ISGID;
+        }
+        let op = Op::Mkdir {
+            path: join(&parent_path, name.as_bytes()),
+            perm,
+            uid,
+            gid,
+        };
+        self.create_entry(parent, name, op, reply);
+    }
+
+    pub(super) fn make_symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let Ok(parent_path) = self.path(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let (uid, gid, _) = self.owner(req, &parent_path);
+        let op = Op::Symlink {
+            path: join(&parent_path, link_name.as_bytes()),
+            target: target.as_os_str().as_bytes().to_vec(),
+            uid,
+            gid,
+        };
+        self.create_entry(parent, link_name, op, reply);
+    }
+
+    pub(super) fn make_link(
+        &self,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let from = match self.path(ino) {
+            Ok(path) => path,
+            Err(e) => return reply.error(e),
+        };
+        let Ok(to) = self.child(newparent, newname) else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.create_entry(newparent, newname, Op::Link { from, to }, reply);
+    }
+
+    /// Creates an entry through `op`, then answers with its attributes.
+    fn create_entry(&self, parent: INodeNo, name: &OsStr, op: Op, reply: ReplyEntry) {
+        let path = match self.child(parent, name) {
+            Ok(path) => path,
+            Err(e) => return reply.error(e),
+        };
+        let engine = self.engine.clone();
+        let tree_path = path.clone();
+        let touch = Touch::path(&parent_of(&path));
+        let level = engine.write_level().or(Some(Level::Received));
+        let stat = Arc::new(Mutex::new(None));
+        let stat_out = stat.clone();
+        self.change(
+            &path,
+            touch,
+            level,
+            move || {
+                engine.tree.apply(&op, &[])?;
+                *stat_out.lock().expect("stat slot") = engine.tree.stat(&tree_path)?;
+                Ok((op, Vec::new(), ()))
+            },
+            {
+                let inodes_ino = {
+                    // Allocated up front; forgotten by the kernel if the reply is an error.
+                    self.inodes().lookup(parent.0, name.as_bytes())
+                };
+                move |result| match (result, stat.lock().expect("stat slot").take()) {
+                    (Ok(()), Some(stat)) => {
+                        reply.entry(&TTL, &attr_of(inodes_ino, &stat), Generation(0))
+                    }
+                    (Ok(()), None) => reply.error(Errno::ENOENT),
+                    (Err(e), _) => reply.error(e),
+                }
+            },
+        );
+    }
+
+    pub(super) fn owner(&self, req: &Request, parent: &[u8]) -> (u32, u32, bool) {
+        // A set-group-ID directory gives its group to new entries (and its bit to new
+        // directories), as the kernel does on a local file system.
+        match self.engine.tree.stat(parent) {
+            Ok(Some(stat)) if stat.st_mode & libc::S_ISGID != 0 => (req.uid(), stat.st_gid, true),
+            _ => (req.uid(), req.gid(), false),
+        }
+    }
+
+    /// unlink and rmdir.
+    pub(super) fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        let path = match self.child(parent, name) {
+            Ok(path) => path,
+            Err(e) => return reply.error(e),
+        };
+        let op = if dir {
+            Op::Rmdir { path: path.clone() }
+        } else {
+            Op::Unlink { path: path.clone() }
+        };
+        let engine = self.engine.clone();
+        let applied = Arc::new(AtomicBool::new(false));
+        let applied_flag = applied.clone();
+        self.change(
+            &path,
+            Touch::path(&parent_of(&path)),
+            engine.write_level().or(Some(Level::Received)),
+            move || {
+                engine.tree.apply(&op, &[])?;
+                applied_flag.store(true, Ordering::SeqCst);
+                Ok((op, Vec::new(), ()))
+            },
+            move |result| match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
+        if applied.load(Ordering::SeqCst) {
+            self.inodes().unlink(parent.0, name.as_bytes());
+        }
+    }
+
+    pub(super) fn rename_entry(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
+            (Ok(from), Ok(to)) => (from, to),
+            _ => return reply.error(Errno::ENOENT),
+        };
+        if self.engine.not_replicated(&from) != self.engine.not_replicated(&to) {
+            // Moving data across the replication boundary would silently drop or
+            // invent a file on SECOND: refuse as a cross-device move (tools copy then).
+            return reply.error(Errno::EXDEV);
+        }
+        let op = Op::Rename {
+            from: from.clone(),
+            to: to.clone(),
+            flags: flags.bits(),
+        };
+        let touch = Touch::path(&parent_of(&from)).and_path(&parent_of(&to));
+        let engine = self.engine.clone();
+        let level = engine.write_level().or(Some(Level::Received));
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let applied = Arc::new(AtomicBool::new(false));
+        let applied_flag = applied.clone();
+        self.change(
+            &from,
+            touch,
+            level,
+            move || {
+                engine.tree.apply(&op, &[])?;
+                applied_flag.store(true, Ordering::SeqCst);
+                Ok((op, Vec::new(), ()))
+            },
+            move |result| match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
+        if applied.load(Ordering::SeqCst) {
+            self.inodes().rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                exchange,
+            );
+        }
+    }
+}

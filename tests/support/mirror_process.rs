@@ -1,0 +1,96 @@
+//! A `rampart mirror prim|second` process for tests and benchmarks: its JSON event lines
+//! are collected with the time they were printed; killed (and its mount removed) on
+//! drop, whether the caller passed or not.
+//!
+//! Included with `#[path]` by `tests/mirror.rs` and `benches/mirror.rs`.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct MirrorProcess {
+    child: Child,
+    /// The mirrored directory: a killed PRIM leaves a dead FUSE mount on it, a killed
+    /// SECOND its read-only bind mount.
+    dir: PathBuf,
+    lines: mpsc::Receiver<(Instant, String)>,
+}
+
+impl MirrorProcess {
+    /// Runs `rampart mirror ARGS` for `dir`; `log` is its RUST_LOG.
+    pub fn spawn(args: &[impl AsRef<OsStr>], dir: &Path, log: &str) -> MirrorProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .arg("mirror")
+            .args(args)
+            .env("RUST_LOG", log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn rampart mirror");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send((Instant::now(), line));
+            }
+        });
+        MirrorProcess {
+            child,
+            dir: dir.to_path_buf(),
+            lines,
+        }
+    }
+
+    /// The first event named `event` within `timeout` (earlier events are skipped): when
+    /// it was printed, and the event.
+    pub fn wait_for(&self, event: &str, timeout: Duration) -> (Instant, serde_json::Value) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (at, line) = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {event:?} event within {timeout:?}"));
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+                if value["event"] == event {
+                    return (at, value);
+                }
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not stopped within 20 s.
+    pub fn terminate(&mut self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for MirrorProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
