@@ -196,8 +196,11 @@ impl Copier<'_> {
                 std::thread::sleep(Duration::from_millis(100 * u64::from(rounds.min(50))));
             }
             rounds += 1;
+            self.reconcile_all_paths()?;
+            // Zones only after the paths: a file created while SECOND was away exists
+            // there once its parent's reconciliation made it.
+            let dirty = self.engine.dirty();
             self.progress.zones_total = self.progress.zones_sent + dirty.zone_count() as u64;
-            self.reconcile_paths(&dirty)?;
             self.copy_zones(&dirty)?;
             self.settle_all()?;
         }
@@ -268,18 +271,34 @@ impl Copier<'_> {
             .map_err(|e| format!("recording reintegration work: errno {e}"))
     }
 
-    /// Makes each marked path exist on SECOND as it does here.
-    fn reconcile_paths(&mut self, dirty: &Marks) -> Result<(), String> {
+    /// Reconciles every marked path, then the paths that reconciling marked (a
+    /// directory marks the children SECOND lacks), parents before children, until
+    /// nothing new is marked.
+    fn reconcile_all_paths(&mut self) -> Result<(), String> {
+        let mut reconciled: HashSet<RelPath> = HashSet::new();
+        loop {
+            let fresh: Vec<RelPath> = (self.engine.dirty().paths.iter())
+                .filter(|path| !reconciled.contains(*path))
+                .cloned()
+                .collect();
+            if fresh.is_empty() {
+                return Ok(());
+            }
+            reconciled.extend(fresh.iter().cloned());
+            self.reconcile_paths(&fresh)?;
+        }
+    }
+
+    /// Makes each of `marked` exist on SECOND as it does here.
+    fn reconcile_paths(&mut self, marked: &[RelPath]) -> Result<(), String> {
         let engine = self.engine;
-        let paths: Vec<RelPath> = dirty
-            .paths
+        let paths: Vec<RelPath> = marked
             .iter()
             .filter(|p| !engine.not_replicated(p))
             .cloned()
             .collect();
         // Paths marked but excluded from replication are simply settled.
-        let excluded: Vec<RelPath> = dirty
-            .paths
+        let excluded: Vec<RelPath> = marked
             .iter()
             .filter(|p| engine.not_replicated(p))
             .cloned()

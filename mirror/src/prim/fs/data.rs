@@ -1,7 +1,7 @@
 //! File contents: writes, truncation, creation with an open handle, fallocate and
 //! fsync. A write is streamed to SECOND before the local pwrite (see
-//! [`crate::prim::engine::Change::write_ahead`]); an fsync runs the local sync and
-//! waits for SECOND's at the same time.
+//! [`crate::prim::engine::Change::write_ahead`]); an fsync runs the local sync on a
+//! worker thread and, in `fsync` mode, waits for SECOND's at the same time.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};

@@ -36,7 +36,7 @@ use fuser::{
     Request, TimeOrNow, WriteFlags,
 };
 
-use crate::prim::engine::{Engine, Level, Ticket, Touch};
+use crate::prim::engine::{Engine, Level, Touch};
 use crate::protocol::{Kind, Op, RelPath};
 use crate::tree::{join, read_at};
 use attrs::{attr_of, errno_of, file_type, set_time};
@@ -51,9 +51,13 @@ const TTL: Duration = Duration::from_secs(1);
 pub(crate) struct MirrorFs {
     engine: Arc<Engine>,
     inodes: Mutex<Inodes>,
+    /// Open files by handle number (shared with create's deferred reply, which
+    /// forgets the handle when the create fails).
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
+    /// The next file or directory handle number; never reused.
     next_handle: AtomicU64,
+    /// The kernel accepted FUSE passthrough at init.
     passthrough: AtomicBool,
     /// Local fsyncs run here, off the FUSE dispatch thread.
     syncers: Syncers,
@@ -119,11 +123,7 @@ impl MirrorFs {
         };
         let ticket = change.commit(op, &data);
         match level {
-            None => {
-                self.engine
-                    .wait(Ticket::Now, Level::Received, Box::new(|_| {}));
-                done(Ok(value));
-            }
+            None => done(Ok(value)),
             Some(level) => self.engine.wait(
                 ticket,
                 level,
