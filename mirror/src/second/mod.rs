@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use rampart_raft::transport::{ClusterKey, SecureChannel};
+use rampart_raft::transport::{ClusterKey, FrameWriter, SecureChannel};
 use rampart_storage::{MarkKind, Marks, ReplicationBook};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc as amps, Notify};
@@ -273,29 +273,42 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
         *shared.applier.lock().expect("applier lock") = Some(applier);
     }
 
+    let upstream = Arc::new(tokio::sync::Mutex::new(Upstream {
+        writer,
+        sent: (0, 0),
+    }));
     let writer_task = {
         let watermarks = watermarks.clone();
+        let upstream = upstream.clone();
         tokio::spawn(async move {
-            let mut sent = (0, 0);
             loop {
-                tokio::select! {
+                let first = tokio::select! {
                     biased;
                     message = up_rx.recv() => match message {
-                        Some(message) => writer.write(&protocol::encode(&message, &[])).await?,
+                        Some(message) => Some(message),
                         None => return Ok::<(), MirrorError>(()),
                     },
-                    _ = watermarks.changed.notified() => {}
+                    _ = watermarks.changed.notified() => None,
+                };
+                let mut up = upstream.lock().await;
+                if let Some(message) = first {
+                    up.writer.write(&protocol::encode(&message, &[])).await?;
                 }
+                // The applier queues a Failed before it advances the durable mark: read
+                // the marks, then drain the queue, and the Failed goes out first.
                 let now = watermarks.get();
-                if now != sent || watermarks.ping.swap(false, Ordering::SeqCst) {
-                    sent = now;
-                    let ack = Up::Ack {
-                        received: now.0,
-                        durable: now.1,
-                    };
-                    writer.write(&protocol::encode(&ack, &[])).await?;
+                while let Ok(message) = up_rx.try_recv() {
+                    up.writer.write(&protocol::encode(&message, &[])).await?;
                 }
-                writer.flush().await?;
+                if now != up.sent || watermarks.ping.swap(false, Ordering::SeqCst) {
+                    up.sent = (now.0.max(up.sent.0), now.1);
+                    let ack = Up::Ack {
+                        received: up.sent.0,
+                        durable: up.sent.1,
+                    };
+                    up.writer.write(&protocol::encode(&ack, &[])).await?;
+                }
+                up.writer.flush().await?;
             }
         })
     };
@@ -329,7 +342,20 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
             }
             if let Some(seq) = seq {
                 watermarks.received.store(seq, Ordering::SeqCst);
-                watermarks.changed.notify_one();
+                // Acknowledge receipt from here when the writer is free (the common
+                // case): waking the writer task costs more than the write. The durable
+                // mark stays as last sent: only the writer task orders it after Failed.
+                match upstream.try_lock() {
+                    Ok(mut up) => {
+                        up.sent.0 = up.sent.0.max(seq);
+                        let ack = Up::Ack {
+                            received: up.sent.0,
+                            durable: up.sent.1,
+                        };
+                        up.writer.send(&protocol::encode(&ack, &[])).await?;
+                    }
+                    Err(_) => watermarks.changed.notify_one(),
+                }
             }
         }
     }
@@ -342,6 +368,14 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     drop(up_tx);
     writer_task.abort();
     read_result
+}
+
+/// SECOND's half of the connection, shared by the reader (receipt acks) and the
+/// writer task (everything else), and the marks PRIM was last told.
+struct Upstream {
+    writer: FrameWriter,
+    /// (received, durable) as last sent.
+    sent: (u64, u64),
 }
 
 #[derive(Default)]

@@ -11,7 +11,7 @@ pub mod client;
 pub mod rpc;
 pub mod server;
 
-pub use channel::{ChannelError, ClusterKey, SecureChannel};
+pub use channel::{ChannelError, ClusterKey, FrameReader, FrameWriter, SecureChannel};
 pub use client::{call, CallError, Network};
 pub use rpc::{LeaderError, LeaderOp, LeaderReply, Rpc, RpcReply, WriteReceipt};
 pub use server::{serve, RpcHandler};
