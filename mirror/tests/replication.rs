@@ -385,3 +385,61 @@ async fn an_interrupted_reintegration_resumes_where_it_stopped() {
     );
     converge(&pair.dir("a"), &pair.dir("b"), Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notreplicated_paths_stay_on_prim() {
+    let mut pair = Pair::new(AckMode::Write);
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    let mut config = pair.prim_config("a", addr, 1);
+    config.not_replicated = vec![b"scratch".to_vec()];
+    pair.start_prim(config);
+    pair.wait_synced().await;
+
+    let a = pair.dir("a");
+    let rename_error = blocking({
+        let a = a.clone();
+        move || {
+            std::fs::create_dir(a.join("scratch")).unwrap();
+            std::fs::write(a.join("scratch/cache"), vec![1u8; 200_000]).unwrap();
+            std::fs::write(a.join("data"), b"replicated").unwrap();
+            // Moving data across the boundary would lose or invent it on SECOND.
+            std::fs::rename(a.join("scratch/cache"), a.join("cache")).unwrap_err()
+        }
+    })
+    .await;
+    assert_eq!(rename_error.raw_os_error(), Some(libc::EXDEV));
+    let b = pair.dir("b");
+    converge_except_scratch(&a, &b).await;
+    assert!(!b.join("scratch").exists(), "SECOND has no scratch");
+    assert_eq!(std::fs::read(b.join("data")).unwrap(), b"replicated");
+    assert_eq!(
+        std::fs::metadata(a.join("scratch/cache")).unwrap().len(),
+        200_000
+    );
+}
+
+/// PRIM's tree without `scratch` matches SECOND's.
+async fn converge_except_scratch(a: &std::path::Path, b: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let names = |dir: &std::path::Path| {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n != "scratch")
+                .collect();
+            names.sort();
+            names
+        };
+        if names(a) == names(b) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} != {:?}",
+            names(a),
+            names(b)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
