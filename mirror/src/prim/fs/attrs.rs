@@ -132,19 +132,6 @@ impl MirrorFs {
     /// setxattr and removexattr.
     pub(super) fn attribute_change(&self, op: Op, value: Vec<u8>, reply: ReplyEmpty) {
         let path = op.path().to_vec();
-        let engine = self.engine.clone();
-        self.change(
-            &path,
-            Touch::path(&path),
-            engine.write_level().or(Some(Level::Received)),
-            move || {
-                engine.tree.apply(&op, &value)?;
-                Ok((op, value, ()))
-            },
-            move |result| match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
-        );
+        self.apply_change(&path, Touch::path(&path), op, value, || {}, reply);
     }
 }

@@ -131,6 +131,36 @@ impl MirrorFs {
             ),
         }
     }
+
+    /// Applies `op` (with `data`) to the real tree as one change and answers `reply`
+    /// once the acknowledgement mode allows. `applied` runs right after the local apply
+    /// succeeded, before any answer can reach the kernel (inode table updates).
+    fn apply_change(
+        &self,
+        path: &[u8],
+        touch: Touch,
+        op: Op,
+        data: Vec<u8>,
+        applied: impl FnOnce(),
+        reply: ReplyEmpty,
+    ) {
+        let engine = self.engine.clone();
+        let level = engine.write_level().or(Some(Level::Received));
+        self.change(
+            path,
+            touch,
+            level,
+            move || {
+                engine.tree.apply(&op, &data)?;
+                applied();
+                Ok((op, data, ()))
+            },
+            move |result| match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
+    }
 }
 
 impl Filesystem for MirrorFs {

@@ -5,7 +5,6 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fuser::{Errno, Generation, INodeNo, RenameFlags, ReplyEmpty, ReplyEntry, Request};
@@ -180,26 +179,9 @@ impl MirrorFs {
         } else {
             Op::Unlink { path: path.clone() }
         };
-        let engine = self.engine.clone();
-        let applied = Arc::new(AtomicBool::new(false));
-        let applied_flag = applied.clone();
-        self.change(
-            &path,
-            Touch::path(&parent_of(&path)),
-            engine.write_level().or(Some(Level::Received)),
-            move || {
-                engine.tree.apply(&op, &[])?;
-                applied_flag.store(true, Ordering::SeqCst);
-                Ok((op, Vec::new(), ()))
-            },
-            move |result| match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
-        );
-        if applied.load(Ordering::SeqCst) {
-            self.inodes().unlink(parent.0, name.as_bytes());
-        }
+        let touch = Touch::path(&parent_of(&path));
+        let unlinked = || self.inodes().unlink(parent.0, name.as_bytes());
+        self.apply_change(&path, touch, op, Vec::new(), unlinked, reply);
     }
 
     pub(super) fn rename_entry(
@@ -226,33 +208,12 @@ impl MirrorFs {
             flags: flags.bits(),
         };
         let touch = Touch::path(&parent_of(&from)).and_path(&parent_of(&to));
-        let engine = self.engine.clone();
-        let level = engine.write_level().or(Some(Level::Received));
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        let applied = Arc::new(AtomicBool::new(false));
-        let applied_flag = applied.clone();
-        self.change(
-            &from,
-            touch,
-            level,
-            move || {
-                engine.tree.apply(&op, &[])?;
-                applied_flag.store(true, Ordering::SeqCst);
-                Ok((op, Vec::new(), ()))
-            },
-            move |result| match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
-        );
-        if applied.load(Ordering::SeqCst) {
-            self.inodes().rename(
-                parent.0,
-                name.as_bytes(),
-                newparent.0,
-                newname.as_bytes(),
-                exchange,
-            );
-        }
+        let renamed = || {
+            let (name, newname) = (name.as_bytes(), newname.as_bytes());
+            self.inodes()
+                .rename(parent.0, name, newparent.0, newname, exchange)
+        };
+        self.apply_change(&from, touch, op, Vec::new(), renamed, reply);
     }
 }
