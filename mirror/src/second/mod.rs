@@ -2,14 +2,15 @@
 //!
 //! One session at a time, from a PRIM of an epoch at least as new as any seen. Three
 //! parts per session:
-//! - the reader task reads frames, checks their epoch, acknowledges *receipt*
-//!   (what `write` mode waits for) and queues them;
+//! - the reader task reads frames, checks their epoch, queues them and acknowledges
+//!   *receipt* (what `write` mode waits for), itself when the writer is idle;
 //! - the applier thread applies them in order to the [`Tree`], answers reintegration
 //!   requests, syncs what it applied (at once in `durable` mode, within
 //!   [`SYNC_EVERY`] otherwise) and advances the *durable* watermark PRIM clears its
 //!   intents by;
 //! - the writer task sends `Failed`, answers and coalesced acks, in that order of
-//!   priority, so a `Failed` always precedes the ack that makes its sequence durable.
+//!   priority, so a `Failed` always precedes the ack that makes its sequence durable
+//!   (the reader's acks repeat the durable mark last sent).
 //!
 //! The directory itself is bind-mounted read-only over itself while SECOND runs:
 //! applications see the copy but cannot change it; the applier writes through the
