@@ -199,8 +199,9 @@ pub enum Request {
     List { path: RelPath },
     /// Names and kinds of a directory's entries (empty when it is not a directory).
     Children { path: RelPath },
-    /// blake3 of every zone of a file.
-    Hashes { path: RelPath },
+    /// blake3 of every zone of each file (many per request: one round trip per file
+    /// would dominate the comparison of a tree of small files).
+    Hashes { paths: Vec<RelPath> },
     /// Make everything applied so far durable now (the copier's settle point, rather
     /// than waiting for SECOND's periodic sync).
     Sync,
@@ -211,8 +212,8 @@ pub enum Answer {
     Probe(Vec<Option<(Kind, u64)>>),
     List(Vec<(RelPath, Meta)>),
     Children(Vec<(Vec<u8>, Kind)>),
-    /// Empty when the file is absent or not a regular file.
-    Hashes(Vec<[u8; 32]>),
+    /// Per requested path; empty when the file is absent or not a regular file.
+    Hashes(Vec<Vec<[u8; 32]>>),
     Synced,
 }
 

@@ -27,6 +27,10 @@ use crate::tree::join;
 /// A request answered after a tree walk or hashing a large file may take this long.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 const PROBE_CHUNK: usize = 1024;
+/// Files hashed per request in a full comparison, and the bytes they may hold: many
+/// small files share a round trip, a large file keeps the answer prompt.
+const HASH_BATCH_FILES: usize = 512;
+const HASH_BATCH_BYTES: u64 = 256 << 20;
 
 /// What reintegration reports while it runs.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -97,6 +101,25 @@ pub fn plan_full(local: &[(RelPath, Meta)], remote: &[(RelPath, Meta)]) -> FullP
         }
     }
     plan
+}
+
+/// Splits `paths` into runs of at most [`HASH_BATCH_FILES`] files holding at most
+/// [`HASH_BATCH_BYTES`] together (a larger file goes alone). Pure.
+fn hash_batches<'p>(paths: &'p [RelPath], sizes: &BTreeMap<&[u8], u64>) -> Vec<&'p [RelPath]> {
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, path) in paths.iter().enumerate() {
+        let size = sizes.get(&path[..]).copied().unwrap_or(0);
+        if i > start && (i - start == HASH_BATCH_FILES || bytes + size > HASH_BATCH_BYTES) {
+            batches.push(&paths[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < paths.len() {
+        batches.push(&paths[start..]);
+    }
+    batches
 }
 
 fn same_attributes(a: &Meta, b: &Meta) -> bool {
@@ -251,19 +274,27 @@ impl Copier<'_> {
                 work.add_zone(path, zone);
             }
         }
-        for path in &plan.compare {
-            let Answer::Hashes(remote) = self.ask(Request::Hashes { path: path.clone() })? else {
+        for batch in hash_batches(&plan.compare, &sizes) {
+            let Answer::Hashes(remote) = self.ask(Request::Hashes {
+                paths: batch.to_vec(),
+            })?
+            else {
                 return Err("the peer answered Hashes with something else".into());
             };
-            let local = engine
-                .tree
-                .zone_hashes(path, zone_size)
-                .map_err(|e| format!("hashing {}: {e}", String::from_utf8_lossy(path)))?;
-            for zone in differing_zones(&local, &remote) {
-                work.add_zone(path, zone);
+            if remote.len() != batch.len() {
+                return Err("the peer answered Hashes for other files".into());
             }
-            if local.len() != remote.len() {
-                work.add_path(path);
+            for (path, remote) in batch.iter().zip(remote) {
+                let local = engine
+                    .tree
+                    .zone_hashes(path, zone_size)
+                    .map_err(|e| format!("hashing {}: {e}", String::from_utf8_lossy(path)))?;
+                for zone in differing_zones(&local, &remote) {
+                    work.add_zone(path, zone);
+                }
+                if local.len() != remote.len() {
+                    work.add_path(path);
+                }
             }
         }
         engine
@@ -574,6 +605,21 @@ mod tests {
                 compare: vec![p("a")],
             }
         );
+    }
+
+    #[test]
+    fn hash_batches_bound_files_and_bytes_and_keep_every_path_once() {
+        let paths: Vec<RelPath> = (0..1200).map(|i| p(&format!("f{i}"))).collect();
+        let mut sizes: BTreeMap<&[u8], u64> = paths.iter().map(|p| (&p[..], 1000)).collect();
+        // f600 alone exceeds the byte bound; f601 and f602 together do.
+        sizes.insert(b"f600", HASH_BATCH_BYTES + 1);
+        sizes.insert(b"f601", HASH_BATCH_BYTES / 2 + 1);
+        sizes.insert(b"f602", HASH_BATCH_BYTES / 2 + 1);
+        let batches = hash_batches(&paths, &sizes);
+        let lengths: Vec<usize> = batches.iter().map(|b| b.len()).collect();
+        assert_eq!(lengths, vec![512, 88, 1, 1, 512, 86]);
+        assert_eq!(batches.concat(), paths);
+        assert!(hash_batches(&[], &sizes).is_empty());
     }
 
     #[test]

@@ -271,11 +271,16 @@ fn answer(tree: &Tree, zone_size: u64, request: &Request) -> Answer {
                 .and_then(|()| tree.children(path).ok())
                 .unwrap_or_default(),
         ),
-        Request::Hashes { path } => Answer::Hashes(
-            protocol::validate_path(path)
-                .ok()
-                .and_then(|()| tree.zone_hashes(path, zone_size).ok())
-                .unwrap_or_default(),
+        Request::Hashes { paths } => Answer::Hashes(
+            paths
+                .iter()
+                .map(|path| {
+                    protocol::validate_path(path)
+                        .ok()
+                        .and_then(|()| tree.zone_hashes(path, zone_size).ok())
+                        .unwrap_or_default()
+                })
+                .collect(),
         ),
         Request::Sync => Answer::Synced,
     }

@@ -123,8 +123,14 @@ impl Drop for Pair {
 }
 
 /// Runs blocking file work off the runtime (the FUSE replies come from its threads).
+/// A call that never returns fails the test after two minutes instead of hanging it;
+/// dropping the pair then fences PRIM, which fails the stuck call.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.unwrap()
+    let limit = Duration::from_secs(120);
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
+        Ok(result) => result.unwrap(),
+        Err(_) => panic!("file operations on the mount did not return within {limit:?}"),
+    }
 }
 
 /// Both trees hold the same entries, kinds, sizes, modes, owners, link targets,

@@ -79,7 +79,12 @@ struct Link {
     /// Application calls waiting for the acknowledgement of a sequence.
     waiters: BTreeMap<u64, Vec<Waiter>>,
     /// Waiting for the caller's decision (stalled) or for reintegration to finish.
+    /// Whoever releases them changes `phase` or `in_step` under the same lock, so a
+    /// waiter that comes later sees it and is not parked (see [`Engine::wait`]).
     parked: Vec<Waiter>,
+    /// Reintegration finished in this session: the peer holds every change recorded
+    /// before, including those of parked waiters.
+    in_step: bool,
     /// Questions asked of the peer, by sequence.
     answers: HashMap<u64, mpsc::Sender<Answer>>,
     /// When the peer last sent anything (the watchdog's clock).
@@ -127,6 +132,7 @@ impl Engine {
                 in_flight_bytes: 0,
                 waiters: BTreeMap::new(),
                 parked: Vec::new(),
+                in_step: false,
                 answers: HashMap::new(),
                 last_heard: Instant::now(),
             }),
@@ -222,15 +228,11 @@ impl Engine {
                 drop(link);
                 done(Ok(()));
             }
-            Ticket::Parked => link.parked.push(Waiter { level, done }),
+            Ticket::Parked => Self::park(link, Waiter { level, done }),
             Ticket::Sent { seq, session } => {
                 if session != link.session {
                     // The session ended since: the change is in the dirty set.
-                    if link.phase == Phase::Alone {
-                        drop(link);
-                        return done(Ok(()));
-                    }
-                    return link.parked.push(Waiter { level, done });
+                    return Self::park(link, Waiter { level, done });
                 }
                 let reached = match level {
                     Level::Received => link.received,
@@ -247,6 +249,20 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Parks a waiter whose change is in the dirty set, unless what would release it
+    /// already happened: the caller chose to go on alone, PRIM was fenced, or the
+    /// reintegration of this session finished.
+    fn park(mut link: MutexGuard<'_, Link>, waiter: Waiter) {
+        let outcome = match link.phase {
+            Phase::Alone => Ok(()),
+            Phase::Fenced => Err(libc::EIO),
+            Phase::Streaming if link.in_step => Ok(()),
+            Phase::Streaming | Phase::Stalled => return link.parked.push(waiter),
+        };
+        drop(link);
+        (waiter.done)(outcome);
     }
 
     /// The level a write waits for in this module's mode, if any.
@@ -307,7 +323,11 @@ impl Engine {
 
     /// Reintegration finished: the peer holds everything; parked writes return.
     pub(crate) fn release_parked(&self) {
-        let parked = std::mem::take(&mut self.lock_link().parked);
+        let parked = {
+            let mut link = self.lock_link();
+            link.in_step = true;
+            std::mem::take(&mut link.parked)
+        };
         for waiter in parked {
             (waiter.done)(Ok(()));
         }
@@ -319,5 +339,90 @@ impl Engine {
 
     pub(crate) fn set_status(&self, f: impl FnOnce(&mut PrimStatus)) {
         f(&mut self.status.lock().expect("status lock"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rampart_raft::transport::ClusterKey;
+
+    use super::*;
+    use crate::protocol::Op;
+
+    /// An engine over scratch directories, not connected (phase Stalled).
+    fn engine(dir: &tempfile::TempDir) -> Engine {
+        let (tree_dir, book_dir) = (dir.path().join("tree"), dir.path().join("book"));
+        std::fs::create_dir_all(&tree_dir).unwrap();
+        let config = PrimConfig::new(
+            tree_dir.clone(),
+            book_dir.clone(),
+            "127.0.0.1:9".into(),
+            ClusterKey::from_secret(b"engine test"),
+            1,
+        );
+        let (events, _) = amps::unbounded_channel();
+        let tree = Tree::open(&tree_dir).unwrap();
+        Engine::new(
+            tree,
+            ReplicationBook::open(&book_dir).unwrap(),
+            config,
+            events,
+        )
+        .unwrap()
+    }
+
+    /// Commits a change while stalled and returns its (parked) ticket.
+    fn parked_change(engine: &Engine) -> Ticket {
+        let change = engine.begin(Touch::path(b"f")).unwrap();
+        let op = Op::Unlink {
+            path: b"f".to_vec(),
+        };
+        let ticket = change.commit(op, &[]);
+        assert!(matches!(ticket, Ticket::Parked));
+        ticket
+    }
+
+    fn answer(engine: &Engine, ticket: Ticket) -> Option<Result<(), i32>> {
+        let (tx, rx) = mpsc::channel();
+        let done = Box::new(move |result| tx.send(result).unwrap());
+        engine.wait(ticket, Level::Received, done);
+        rx.recv_timeout(Duration::from_secs(1)).ok()
+    }
+
+    #[test]
+    fn a_waiter_that_comes_after_the_decision_to_go_alone_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        // The change is parked while stalled; the caller decides before it waits.
+        let ticket = parked_change(&engine);
+        engine.go_alone();
+        assert_eq!(answer(&engine, ticket), Some(Ok(())));
+    }
+
+    #[test]
+    fn a_waiter_that_comes_after_the_fence_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        let ticket = parked_change(&engine);
+        engine.fence();
+        assert_eq!(answer(&engine, ticket), Some(Err(libc::EIO)));
+    }
+
+    #[test]
+    fn a_parked_waiter_is_answered_when_the_caller_decides() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        let ticket = parked_change(&engine);
+        let (tx, rx) = mpsc::channel();
+        engine.wait(
+            ticket,
+            Level::Received,
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        assert!(rx.try_recv().is_err(), "answered before the decision");
+        engine.go_alone();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
     }
 }

@@ -36,6 +36,7 @@ impl Engine {
         link.durable = order.last_seq;
         link.in_flight.clear();
         link.in_flight_bytes = 0;
+        link.in_step = false;
         link.last_heard = Instant::now();
         let session = link.session;
         drop(link);
@@ -156,6 +157,7 @@ impl Engine {
         link.phase = Phase::Stalled;
         link.in_flight.clear();
         link.in_flight_bytes = 0;
+        link.in_step = false;
         link.answers.clear();
         let durable = link.durable;
         let waiters = std::mem::take(&mut link.waiters);
