@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rampart_storage::{JournalEntry, MarkKind, Marks};
 use tokio::sync::mpsc as amps;
 
+use super::marks::Order;
 use super::{Engine, Level, Phase};
 use crate::prim::Event;
 use crate::protocol::{self, Answer, Down, Op, Request};
@@ -195,18 +196,7 @@ impl Engine {
         let Some((op, data)) = read(&self.tree).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
-        order.last_seq += 1;
-        let seq = order.last_seq;
-        let frame = protocol::encode(
-            &Down::Op {
-                epoch: self.config.epoch,
-                seq,
-                op,
-            },
-            &data,
-        );
-        self.send_frame(frame, Some(seq))
-            .ok_or_else(|| "the session ended".to_string())?;
+        let seq = self.send_next(&mut order, &data, |epoch, seq| Down::Op { epoch, seq, op })?;
         Ok(Some(seq))
     }
 
@@ -276,18 +266,23 @@ impl Engine {
         if !order.dirty.is_empty() {
             return Ok(None);
         }
+        let message = |epoch, seq| Down::SyncPoint { epoch, seq, point };
+        Ok(Some(self.send_next(&mut order, &[], message)?))
+    }
+
+    /// Sends the message `make` builds with the next sequence (the caller holds the
+    /// order lock, so the sequence is the stream's order). Returns the sequence.
+    fn send_next(
+        &self,
+        order: &mut Order,
+        data: &[u8],
+        make: impl FnOnce(u64, u64) -> Down,
+    ) -> Result<u64, String> {
         order.last_seq += 1;
         let seq = order.last_seq;
-        let frame = protocol::encode(
-            &Down::SyncPoint {
-                epoch: self.config.epoch,
-                seq,
-                point,
-            },
-            &[],
-        );
+        let frame = protocol::encode(&make(self.config.epoch, seq), data);
         self.send_frame(frame, Some(seq))
             .ok_or_else(|| "the session ended".to_string())?;
-        Ok(Some(seq))
+        Ok(seq)
     }
 }
