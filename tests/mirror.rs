@@ -102,6 +102,16 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// `rampart mirror estimate` on `side`'s book (zones of 64 KiB, as spawned).
+    fn estimate(&self, side: &str) -> serde_json::Value {
+        let out = run(Command::new(BIN)
+            .args(["mirror", "estimate", "--zone-size", "65536", "--book"])
+            .arg(self.path(&format!("{side}.book"))));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("estimate printed {out:?}: {e}"))
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -285,4 +295,30 @@ fn prim_killed_with_writes_in_flight_is_overwritten_when_it_returns_as_second() 
         same,
         "copies differ after the returning node was reintegrated:\n{report}"
     );
+}
+
+#[test]
+fn estimate_reads_the_book_of_a_running_prim() {
+    let setup = Setup::new();
+    let port = free_port();
+    let mut second = setup.second("b", port, 0);
+    let mut prim = setup.prim("a", port, 1);
+    prim.wait_for("synced", Duration::from_secs(30));
+    assert_eq!(setup.estimate("a")["zones"], 0, "in step: nothing pending");
+
+    // SECOND goes away; PRIM continues alone with 3 MiB written in one file.
+    second.kill();
+    std::fs::write(setup.path("a").join("data"), vec![7u8; 3 << 20]).unwrap();
+    prim.wait_for("peer_lost", Duration::from_secs(10));
+    let pending = setup.estimate("a");
+    assert_eq!(pending["files"], 1, "{pending}");
+    assert_eq!(pending["zones"], 48, "3 MiB in 64 KiB zones: {pending}");
+    assert_eq!(pending["bytes_at_most"], 3 << 20, "{pending}");
+
+    // SECOND returns and is brought up to date: nothing pending any more.
+    let _second = setup.second("b", port, 0);
+    prim.wait_for("synced", Duration::from_secs(30));
+    assert_eq!(setup.estimate("a")["zones"], 0);
+    prim.terminate();
+    assert!(setup.verify().0);
 }

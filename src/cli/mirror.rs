@@ -188,7 +188,8 @@ pub async fn run(command: &MirrorCommand) -> anyhow::Result<ExitCode> {
             }
         }
         MirrorCommand::Estimate { book, zone_size } => {
-            let book = ReplicationBook::open(book).context("open the replication book")?;
+            let book =
+                ReplicationBook::open_read_only(book).context("open the replication book")?;
             let mut pending = book.marks(MarkKind::Dirty)?;
             pending.extend(&book.marks(MarkKind::Intent)?);
             let zones = pending.zone_count() as u64;

@@ -192,6 +192,19 @@ impl ReplicationBook {
         Ok(ReplicationBook { db })
     }
 
+    /// Opens an existing book for reading only, also while the node that owns it runs
+    /// (no lock is taken): what it shows is the book as of the moment of opening.
+    pub fn open_read_only(path: &Path) -> Result<Self, BookError> {
+        let families = [CF_INTENT, CF_DIRTY, CF_JOURNAL, CF_META];
+        let db = DB::open_cf_for_read_only(&Options::default(), path, families, false).map_err(
+            |source| BookError::Open {
+                path: path.display().to_string(),
+                source,
+            },
+        )?;
+        Ok(ReplicationBook { db })
+    }
+
     /// Records marks; on disk when this returns.
     pub fn add(&self, kind: MarkKind, marks: &Marks) -> Result<(), BookError> {
         if marks.is_empty() {
@@ -433,6 +446,21 @@ mod tests {
             book.marks(MarkKind::Dirty).unwrap(),
             marks(&[("a", 0), ("b", 1)], &[])
         );
+    }
+
+    #[test]
+    fn a_book_in_use_can_be_read_and_a_missing_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = ReplicationBook::open(dir.path()).unwrap();
+        book.add(MarkKind::Dirty, &marks(&[("f", 2)], &["d"]))
+            .unwrap();
+        let reader = ReplicationBook::open_read_only(dir.path()).unwrap();
+        assert_eq!(
+            reader.marks(MarkKind::Dirty).unwrap(),
+            marks(&[("f", 2)], &["d"])
+        );
+        let absent = ReplicationBook::open_read_only(&dir.path().join("absent"));
+        assert!(matches!(absent, Err(BookError::Open { .. })));
     }
 
     #[test]
