@@ -104,6 +104,30 @@ impl Marks {
         }
         self.paths.extend(other.paths.iter().cloned());
     }
+
+    /// Removes every mark of `other`.
+    pub fn remove(&mut self, other: &Marks) {
+        for (path, zones) in &other.zones {
+            if let Some(known) = self.zones.get_mut(path) {
+                zones.iter().for_each(|zone| {
+                    known.remove(zone);
+                });
+                if known.is_empty() {
+                    self.zones.remove(path);
+                }
+            }
+        }
+        for path in &other.paths {
+            self.paths.remove(path);
+        }
+    }
+
+    /// These marks without those of `other`.
+    pub fn without(&self, other: &Marks) -> Marks {
+        let mut rest = self.clone();
+        rest.remove(other);
+        rest
+    }
 }
 
 /// A namespace change that moves data, replayed on reintegration.

@@ -50,6 +50,10 @@ pub(super) struct Order {
     pub(super) intent_paths: HashMap<RelPath, Intent>,
     /// Mirror of the book's dirty set.
     pub(super) dirty: Marks,
+    /// Dirty marks SECOND failed to apply since the copier last sent them: an earlier
+    /// send of them settling must not clear them (the `Failed` arrives before the ack
+    /// that makes its sequence durable).
+    pub(super) failed: Marks,
 }
 
 impl Engine {
@@ -193,20 +197,9 @@ impl Engine {
     /// Forgets dirty marks the peer now durably holds. Not synced.
     pub(crate) fn clear_dirty(&self, marks: &Marks) {
         let mut order = self.lock_order();
-        for (path, zones) in &marks.zones {
-            if let Some(known) = order.dirty.zones.get_mut(path) {
-                for zone in zones {
-                    known.remove(zone);
-                }
-                if known.is_empty() {
-                    order.dirty.zones.remove(path);
-                }
-            }
-        }
-        for path in &marks.paths {
-            order.dirty.paths.remove(path);
-        }
-        if let Err(e) = self.book.clear(MarkKind::Dirty, marks) {
+        let marks = marks.without(&order.failed);
+        order.dirty.remove(&marks);
+        if let Err(e) = self.book.clear(MarkKind::Dirty, &marks) {
             tracing::warn!("cannot clear reintegrated marks: {e}");
         }
     }
@@ -222,12 +215,17 @@ pub(super) fn rename_in(order: &mut Order, from: &[u8], to: &[u8]) {
         .into_iter()
         .map(|(path, seq)| (moved(&path).unwrap_or(path), seq))
         .collect();
-    let dirty = std::mem::take(&mut order.dirty);
-    for (path, zones) in dirty.zones {
-        let path = moved(&path).unwrap_or(path);
-        order.dirty.zones.entry(path).or_default().extend(zones);
-    }
-    for path in dirty.paths {
-        order.dirty.paths.insert(moved(&path).unwrap_or(path));
-    }
+    let rename_marks = |marks: Marks| {
+        let mut renamed = Marks::default();
+        for (path, zones) in marks.zones {
+            let path = moved(&path).unwrap_or(path);
+            renamed.zones.entry(path).or_default().extend(zones);
+        }
+        for path in marks.paths {
+            renamed.paths.insert(moved(&path).unwrap_or(path));
+        }
+        renamed
+    };
+    order.dirty = rename_marks(std::mem::take(&mut order.dirty));
+    order.failed = rename_marks(std::mem::take(&mut order.failed));
 }

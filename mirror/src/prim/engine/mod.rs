@@ -348,6 +348,8 @@ mod tests {
 
     use rampart_raft::transport::ClusterKey;
 
+    use rampart_storage::Marks;
+
     use super::*;
     use crate::protocol::Op;
 
@@ -424,5 +426,26 @@ mod tests {
         assert!(rx.try_recv().is_err(), "answered before the decision");
         engine.go_alone();
         assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
+    }
+
+    #[test]
+    fn a_failure_reported_before_an_earlier_send_settles_keeps_the_marks_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        std::fs::write(dir.path().join("tree/f"), vec![1u8; 100]).unwrap();
+        // The copier sent zone 0 of f; SECOND reports it could not apply it, then
+        // acknowledges the sequence as durable, which settles the copier's send.
+        let mut sent = Marks::default();
+        sent.add_zone(b"f", 0);
+        engine.add_dirty(&sent).unwrap();
+        engine.on_failed(b"f", "No space left on device");
+        engine.clear_dirty(&sent);
+        let dirty = engine.dirty();
+        assert_eq!(
+            dirty.zones.get(&b"f"[..]).map(|z| z.len()),
+            Some(1),
+            "{dirty:?}"
+        );
+        assert!(dirty.paths.contains(&b"f"[..]));
     }
 }

@@ -126,6 +126,7 @@ impl Engine {
                 marks.add_zone(path, zone);
             }
         }
+        order.failed.extend(&marks);
         if let Err(e) = self.record_dirty(&mut order, &marks) {
             tracing::error!("cannot record a divergence: errno {e}");
         }
@@ -187,12 +188,15 @@ impl Engine {
     pub(crate) fn send_current(
         &self,
         session: u64,
+        settles: &Marks,
         read: impl FnOnce(&Tree) -> std::io::Result<Option<(Op, Vec<u8>)>>,
     ) -> Result<Option<u64>, String> {
         let mut order = self.lock_order();
         if self.lock_link().session != session {
             return Err("the session ended".into());
         }
+        // Sent again: a failure from now on is a new one.
+        order.failed.remove(settles);
         let Some((op, data)) = read(&self.tree).map_err(|e| e.to_string())? else {
             return Ok(None);
         };

@@ -366,7 +366,7 @@ impl Copier<'_> {
         read: impl FnOnce(&crate::tree::Tree) -> std::io::Result<Option<(Op, Vec<u8>)>>,
     ) -> Result<usize, String> {
         let mut sent = 0;
-        let seq = self.engine.send_current(self.session, |tree| {
+        let seq = self.engine.send_current(self.session, &settles, |tree| {
             let out = read(tree)?;
             if let Some((_, data)) = &out {
                 sent = data.len();
