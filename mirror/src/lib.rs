@@ -64,6 +64,17 @@ pub enum MirrorError {
     Refused(String),
 }
 
+/// Waits (at most two seconds) until `shared` has no other owner. When PRIM or SECOND
+/// stops, its aborted tasks still hold the directory's descriptor and the book until
+/// the runtime drops them; waiting lets the caller unmount the file system underneath
+/// or reopen the book as soon as the stop returns.
+pub(crate) fn wait_for_sole_owner<T>(shared: &std::sync::Arc<T>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::sync::Arc::strong_count(shared) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 impl MirrorError {
     /// Wraps an I/O error with what was being done.
     pub fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MirrorError {

@@ -207,13 +207,8 @@ impl Primary {
             let _ = session.join();
         }
         self.engine.fence();
-        // The aborted tasks and the copier hold the engine, and with it the descriptor
-        // of the real directory, until the runtime drops them: wait (briefly) so that
-        // the file system underneath can be unmounted as soon as we return.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while Arc::strong_count(&self.engine) > 1 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        // The copier and the aborted tasks hold the engine.
+        crate::wait_for_sole_owner(&self.engine);
     }
 }
 

@@ -151,12 +151,7 @@ impl Drop for Secondary {
                 tracing::warn!(dir = %self.shared.config.dir.display(), "cannot remove the read-only mount: {e}");
             }
         }
-        // The aborted tasks hold the copy's descriptor and the book until the runtime
-        // drops them: wait (briefly) so that both are released when we return.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while Arc::strong_count(&self.shared) > 1 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        crate::wait_for_sole_owner(&self.shared);
     }
 }
 
@@ -302,12 +297,7 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
                     up.writer.write(&protocol::encode(&message, &[])).await?;
                 }
                 if now != up.sent || watermarks.ping.swap(false, Ordering::SeqCst) {
-                    up.sent = (now.0.max(up.sent.0), now.1);
-                    let ack = Up::Ack {
-                        received: up.sent.0,
-                        durable: up.sent.1,
-                    };
-                    up.writer.write(&protocol::encode(&ack, &[])).await?;
+                    up.write_ack(now.0, now.1).await?;
                 }
                 up.writer.flush().await?;
             }
@@ -348,12 +338,9 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
                 // mark stays as last sent: only the writer task orders it after Failed.
                 match upstream.try_lock() {
                     Ok(mut up) => {
-                        up.sent.0 = up.sent.0.max(seq);
-                        let ack = Up::Ack {
-                            received: up.sent.0,
-                            durable: up.sent.1,
-                        };
-                        up.writer.send(&protocol::encode(&ack, &[])).await?;
+                        let durable = up.sent.1;
+                        up.write_ack(seq, durable).await?;
+                        up.writer.flush().await?;
                     }
                     Err(_) => watermarks.changed.notify_one(),
                 }
@@ -377,6 +364,19 @@ struct Upstream {
     writer: FrameWriter,
     /// (received, durable) as last sent.
     sent: (u64, u64),
+}
+
+impl Upstream {
+    /// Buffers an ack; the received mark never goes back (the reader and the writer
+    /// task each send what they last saw).
+    async fn write_ack(&mut self, received: u64, durable: u64) -> Result<(), MirrorError> {
+        self.sent = (self.sent.0.max(received), durable);
+        let ack = Up::Ack {
+            received: self.sent.0,
+            durable,
+        };
+        Ok(self.writer.write(&protocol::encode(&ack, &[])).await?)
+    }
 }
 
 #[derive(Default)]
