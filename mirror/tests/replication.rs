@@ -41,6 +41,106 @@ async fn changes_through_the_mount_reach_second() {
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
 }
 
+/// Write-only opens bypass the kernel's page cache, read-only ones pass through to the
+/// real file, read-write ones are cached unless they join a write-only one: whatever the
+/// mix, every open reads what any other wrote, and SECOND gets the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mix_of_open_modes_reads_what_the_others_wrote() {
+    use std::os::unix::fs::FileExt;
+    let mut pair = Pair::new(AckMode::Write);
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+
+    let path = pair.dir("a").join("f");
+    blocking(move || {
+        let read = |file: &std::fs::File, offset: u64| {
+            let mut buf = [0u8; 4];
+            file.read_exact_at(&mut buf, offset).unwrap();
+            buf
+        };
+        let open = |write: bool, read: bool| {
+            std::fs::OpenOptions::new()
+                .read(read)
+                .write(write)
+                .create(write && !read)
+                .open(&path)
+                .unwrap()
+        };
+        // A write-only writer, then a reader beside it: each write is seen at once.
+        let writer = open(true, false);
+        writer.write_all_at(&[1u8; 1 << 20], 0).unwrap();
+        let reader = open(false, true);
+        assert_eq!(read(&reader, 4096), [1; 4]);
+        writer.write_all_at(b"two!", 4096).unwrap();
+        assert_eq!(read(&reader, 4096), *b"two!");
+        // A read-write open joining them reads and writes the same file; nothing it
+        // read stays cached under the writer's next write.
+        let both = open(true, true);
+        assert_eq!(read(&both, 4096), *b"two!");
+        writer.write_all_at(b"wow!", 4096).unwrap();
+        assert_eq!(read(&both, 4096), *b"wow!");
+        both.write_all_at(b"tri!", 8192).unwrap();
+        assert_eq!(read(&reader, 8192), *b"tri!");
+        drop((writer, reader, both));
+        // Cached first: a read-write open reads (the kernel caches the page), then a
+        // write-only open writes through the same cache.
+        let cached = open(true, true);
+        assert_eq!(read(&cached, 0), [1; 4]);
+        let writer = open(true, false);
+        writer.write_all_at(b"for!", 0).unwrap();
+        assert_eq!(read(&cached, 0), *b"for!");
+        let reader = open(false, true);
+        assert_eq!(read(&reader, 0), *b"for!");
+    })
+    .await;
+    let (a, b) = (pair.dir("a"), pair.dir("b"));
+    converge(&a, &b, Duration::from_secs(5)).await;
+    let copy = std::fs::read(b.join("f")).unwrap();
+    assert_eq!(
+        (&copy[0..4], &copy[4096..4100], &copy[8192..8196]),
+        (&b"for!"[..], &b"wow!"[..], &b"tri!"[..])
+    );
+}
+
+/// `fsync` mode: writes stream without waiting, and an fsync returns once SECOND
+/// durably holds every change before it — at once, not at SECOND's next periodic sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_fsync_mode_an_fsync_makes_everything_before_it_durable_on_second_at_once() {
+    use std::os::unix::fs::FileExt;
+    let mut pair = Pair::new(AckMode::Fsync);
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+
+    const FSYNCS: u32 = 20;
+    let path = pair.dir("a").join("log");
+    let took = blocking(move || {
+        let file = std::fs::File::create(&path).unwrap();
+        let started = std::time::Instant::now();
+        for i in 0..FSYNCS {
+            file.write_all_at(&[i as u8; 4096], u64::from(i) * 4096)
+                .unwrap();
+            file.sync_data().unwrap();
+        }
+        started.elapsed()
+    })
+    .await;
+    // Waiting for SECOND's periodic sync would cost about SYNC_EVERY per fsync.
+    let periodic = rampart_mirror::second::SYNC_EVERY * FSYNCS;
+    assert!(took < periodic / 2, "{FSYNCS} fsyncs took {took:?}");
+    let (prim, second) = (
+        pair.prim.as_ref().unwrap().status(),
+        pair.second.as_ref().unwrap().status(),
+    );
+    assert!(
+        second.durable >= prim.acked && prim.durable >= prim.acked,
+        "{prim:?} {second:?}"
+    );
+    let (a, b) = (pair.dir("a"), pair.dir("b"));
+    converge(&a, &b, Duration::from_secs(5)).await;
+}
+
 pub fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
     use std::os::unix::ffi::OsStrExt;
     let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();

@@ -1,6 +1,7 @@
 //! The applier thread: applies the stream in order to SECOND's tree, answers
 //! reintegration requests, and syncs what it applied before advancing the durable
-//! watermark (at once in `durable` mode, within [`SYNC_EVERY`] otherwise).
+//! watermark (at once in `durable` mode and on an fsync, within [`SYNC_EVERY`]
+//! otherwise).
 
 use std::collections::BTreeSet;
 use std::io;
@@ -62,7 +63,7 @@ pub(super) fn apply_loop(
                 Err(mpsc::TryRecvError::Disconnected) => return,
             }
         } else {
-            match work.recv_timeout(SYNC_EVERY / 4) {
+            match work.recv_timeout(APPLIER_POLL) {
                 Ok(next) => Some(next),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -84,11 +85,12 @@ pub(super) fn apply_loop(
                             Err(reason) => Err(io::Error::other(reason)),
                             Ok(()) => apply_op(tree, &op, data, &mut write_cache),
                         };
-                        let mut status = shared.status.lock().expect("status lock");
-                        status.bytes_applied += data.len() as u64;
+                        {
+                            let mut status = shared.status.lock().expect("status lock");
+                            status.bytes_applied += data.len() as u64;
+                            status.failures += u64::from(result.is_err());
+                        }
                         if let Err(e) = result {
-                            status.failures += 1;
-                            drop(status);
                             tracing::debug!(seq, path = %String::from_utf8_lossy(op.path()), "apply failed: {e}");
                             let _ = up.send(Up::Failed {
                                 seq,
@@ -97,6 +99,10 @@ pub(super) fn apply_loop(
                             });
                         }
                         note_unsynced(&mut unsynced, &op, seq);
+                        if matches!(op, Op::Fsync { .. }) {
+                            // `fsync` mode: PRIM's fsync waits for this.
+                            sync(shared, &mut unsynced, watermarks);
+                        }
                     }
                     Down::Ask { seq, request, .. } => {
                         unsynced.last_seq = seq;
@@ -165,21 +171,25 @@ pub(super) fn apply_loop(
     }
 }
 
-/// Applies an op, keeping the last written file open for the next write to it.
+/// Applies an op, keeping the last written file open for the next write to it. An
+/// fsync is left to the sync of everything before it that follows.
 fn apply_op(
     tree: &Tree,
     op: &Op,
     data: &[u8],
     cache: &mut Option<(RelPath, std::os::fd::OwnedFd)>,
 ) -> io::Result<()> {
-    if let Op::Write { path, offset } = op {
-        if cache.as_ref().is_none_or(|(cached, _)| cached != path) {
-            *cache = Some((path.clone(), tree.open_at(path, OFlags::WRONLY, 0)?));
+    match op {
+        Op::Write { path, offset } => {
+            if cache.as_ref().is_none_or(|(cached, _)| cached != path) {
+                *cache = Some((path.clone(), tree.open_at(path, OFlags::WRONLY, 0)?));
+            }
+            let (_, fd) = cache.as_ref().expect("just filled");
+            crate::tree::write_all_at(fd, data, *offset)
         }
-        let (_, fd) = cache.as_ref().expect("just filled");
-        return crate::tree::write_all_at(fd, data, *offset);
+        Op::Fsync { .. } => Ok(()),
+        op => tree.apply(op, data),
     }
-    tree.apply(op, data)
 }
 
 fn note_unsynced(unsynced: &mut Unsynced, op: &Op, seq: u64) {

@@ -5,8 +5,8 @@
 //! - the reader task reads frames, checks their epoch, queues them and acknowledges
 //!   *receipt* (what `write` mode waits for), itself when the writer is idle;
 //! - the applier thread applies them in order to the [`Tree`], answers reintegration
-//!   requests, syncs what it applied (at once in `durable` mode, within
-//!   [`SYNC_EVERY`] otherwise) and advances the *durable* watermark PRIM clears its
+//!   requests, syncs what it applied (at once in `durable` mode and on an fsync,
+//!   within [`SYNC_EVERY`] otherwise) and advances the *durable* watermark PRIM clears its
 //!   intents by;
 //! - the writer task sends `Failed`, answers and coalesced acks, in that order of
 //!   priority, so a `Failed` always precedes the ack that makes its sequence durable
@@ -34,8 +34,14 @@ use crate::tree::Tree;
 use crate::{AckMode, MirrorError};
 use applier::{apply_loop, Work};
 
-/// In `write` and `fsync` modes, applied changes are synced at least this often.
-pub const SYNC_EVERY: Duration = Duration::from_millis(200);
+/// In `write` and `fsync` modes, applied changes are synced at least this often (an
+/// fsync from PRIM syncs at once). Nothing waits for these syncs: they advance the
+/// durable watermark, by which PRIM clears its intents (which it keeps for 5 s after
+/// their last write anyway). More often would only take disk bandwidth from PRIM
+/// where the two share a disk, and from the application's reads on SECOND's.
+pub const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// How often the applier, when idle, checks whether to sync or stop.
+const APPLIER_POLL: Duration = Duration::from_millis(50);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How SECOND is set up.
@@ -141,7 +147,7 @@ impl Drop for Secondary {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.listener_task.abort();
-        // The applier sees `stopping` within a quarter of SYNC_EVERY, syncs and returns.
+        // The applier sees `stopping` within APPLIER_POLL, syncs and returns.
         let applier = self.shared.applier.lock().expect("applier lock").take();
         if let Some(applier) = applier {
             let _ = applier.join();
