@@ -9,14 +9,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use fuser::{
-    Errno, FileHandle, FopenFlags, Generation, INodeNo, ReplyCreate, ReplyEmpty, ReplyWrite,
-    Request,
-};
+use fuser::{Errno, FileHandle, Generation, INodeNo, ReplyCreate, ReplyEmpty, ReplyWrite, Request};
 use rustix::fs::{Mode, OFlags};
 
 use super::attrs::{attr_of, errno_of};
-use super::handles::{Handle, IoMode};
+use super::handles::{admit, Access, Handle, IoMode};
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Ticket, Touch};
 use crate::protocol::Op;
@@ -185,8 +182,11 @@ impl MirrorFs {
         let level = engine.write_level().or(Some(Level::Received));
         let ino = self.inodes().lookup(parent.0, name.as_bytes());
         let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
+        let access = Access::of(flags);
         let attr = Arc::new(Mutex::new(None));
         let attr_out = attr.clone();
+        let opened = Arc::new(Mutex::new(None));
+        let opened_out = opened.clone();
         let handles = self.handles.clone();
         self.change(
             &path,
@@ -205,16 +205,23 @@ impl MirrorFs {
                 let stat = rustix::fs::fstat(&fd).map_err(io)?;
                 *attr_out.lock().expect("attr slot") = Some(attr_of(ino, &stat));
                 // Registered before the reply: the kernel uses the handle at once.
-                if let Some(node) = self.inodes().nodes.get_mut(&ino) {
-                    node.cached_opens += 1;
-                }
+                let (mode, backing) = match self.inodes().nodes.get_mut(&ino) {
+                    // A create registers no backing file of its own: it is passthrough
+                    // only when joining existing passthrough opens.
+                    Some(node) => admit(node, access, false, || {
+                        Err(std::io::Error::other("no backing file for a create"))
+                    })
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?,
+                    None => (IoMode::Cached, None),
+                };
+                *opened_out.lock().expect("open slot") = Some((mode, backing.clone()));
                 self.handles.lock().expect("handle lock").insert(
                     fh,
                     Handle {
                         fd: Arc::new(fd),
                         ino,
-                        mode: IoMode::Cached,
-                        _backing: None,
+                        mode,
+                        _backing: backing,
                     },
                 );
                 Ok((
@@ -228,15 +235,26 @@ impl MirrorFs {
                     (),
                 ))
             },
-            move |result| match (result, attr.lock().expect("attr slot").take()) {
-                (Ok(()), Some(attr)) => reply.created(
-                    &TTL,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                ),
-                (result, _) => {
+            move |result| match (
+                result,
+                attr.lock().expect("attr slot").take(),
+                opened.lock().expect("open slot").take(),
+            ) {
+                (Ok(()), Some(attr), Some((mode, backing))) => {
+                    let (fh, flags) = (FileHandle(fh), mode.open_flags(access));
+                    match backing {
+                        Some(backing) => reply.created_passthrough(
+                            &TTL,
+                            &attr,
+                            Generation(0),
+                            fh,
+                            flags,
+                            &backing,
+                        ),
+                        None => reply.created(&TTL, &attr, Generation(0), fh, flags),
+                    }
+                }
+                (result, _, _) => {
                     // No handle for the kernel: forget ours.
                     handles.lock().expect("handle lock").remove(&fh);
                     reply.error(result.err().unwrap_or(Errno::EIO));

@@ -1,11 +1,10 @@
-//! Open files and directories. A file handle is cached (its reads and writes come
-//! here) or passthrough (the kernel reads the real file itself), following the
-//! kernel's rules for mixing the two on one inode (fs/fuse/iomode.c): a passthrough
-//! open fails while a cached open exists, and once a passthrough open exists every
-//! other open must be passthrough too. So a read-only open is passthrough unless the
-//! inode has cached (writable) opens; a writable open is cached unless the inode has
-//! passthrough opens, in which case it is passthrough + direct I/O (its reads and
-//! writes still come here).
+//! Open files and directories. A file handle is cached, direct or passthrough, following
+//! the kernel's rules for mixing I/O modes on one inode (fs/fuse/iomode.c): a
+//! passthrough open fails while a cached open exists, and once a passthrough open
+//! exists every other open must be passthrough too. Direct opens take no inode I/O
+//! mode in the kernel, so they mix with either; we never mix them with cached opens,
+//! whose cached pages older kernels (5.x's `fuse_direct_io`) leave stale under a
+//! direct write. [`mode_for`] decides.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -15,13 +14,107 @@ use fuser::{BackingId, Errno, FileHandle, FopenFlags, INodeNo, OpenFlags, ReplyE
 use rustix::fs::OFlags;
 
 use super::attrs::errno_of;
+use super::inodes::Node;
 use super::MirrorFs;
 use crate::protocol::Kind;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum IoMode {
+    /// Reads and writes come here; the kernel keeps the file's pages in its cache.
     Cached,
+    /// Read-only: the kernel reads the real file itself. Writable (joining read-only
+    /// passthrough opens): reads and writes come here uncached, mmap goes to the file.
     Passthrough,
+    /// Reads and writes come here, bypassing the kernel's page cache: write-only opens
+    /// (nothing there to cache, and each write is copied once instead of twice), and
+    /// the opens that join them.
+    Direct,
+}
+
+/// How a file is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Access {
+    ReadOnly,
+    WriteOnly,
+    ReadWrite,
+}
+
+impl Access {
+    pub(super) fn of(open_flags: i32) -> Access {
+        match open_flags & libc::O_ACCMODE {
+            libc::O_RDONLY => Access::ReadOnly,
+            libc::O_WRONLY => Access::WriteOnly,
+            _ => Access::ReadWrite,
+        }
+    }
+}
+
+/// The I/O mode of a new open of `node`. Keeps the invariant that an inode never has
+/// cached opens beside passthrough or direct ones. `passthrough`: the kernel accepted
+/// passthrough and a backing file may be registered for this open.
+pub(super) fn mode_for(node: &Node, access: Access, passthrough: bool) -> IoMode {
+    match access {
+        Access::ReadOnly if passthrough && node.cached_opens == 0 => IoMode::Passthrough,
+        Access::ReadOnly if node.direct_opens > 0 => IoMode::Direct,
+        Access::ReadOnly => IoMode::Cached,
+        _ if node.passthrough_opens > 0 => IoMode::Passthrough,
+        Access::WriteOnly if node.cached_opens == 0 => IoMode::Direct,
+        Access::ReadWrite if node.direct_opens > 0 => IoMode::Direct,
+        Access::WriteOnly | Access::ReadWrite => IoMode::Cached,
+    }
+}
+
+impl IoMode {
+    fn opens(self, node: &mut Node) -> &mut u32 {
+        match self {
+            IoMode::Cached => &mut node.cached_opens,
+            IoMode::Passthrough => &mut node.passthrough_opens,
+            IoMode::Direct => &mut node.direct_opens,
+        }
+    }
+
+    /// What the open's reply tells the kernel (passthrough itself is added by the
+    /// passthrough reply).
+    pub(super) fn open_flags(self, access: Access) -> FopenFlags {
+        match (self, access) {
+            (IoMode::Cached, _) | (IoMode::Passthrough, Access::ReadOnly) => FopenFlags::empty(),
+            (IoMode::Direct, _) | (IoMode::Passthrough, _) => FopenFlags::FOPEN_DIRECT_IO,
+        }
+    }
+}
+
+/// Chooses the mode of a new open of `node` and counts it there. A passthrough open
+/// shares the inode's backing file, registering one with `open_backing` when there
+/// is none; if that fails, the open falls back to another mode unless it had to join
+/// existing passthrough opens.
+pub(super) fn admit(
+    node: &mut Node,
+    access: Access,
+    passthrough: bool,
+    open_backing: impl FnOnce() -> std::io::Result<BackingId>,
+) -> Result<(IoMode, Option<Arc<BackingId>>), Errno> {
+    let mut mode = mode_for(node, access, passthrough);
+    let mut backing = None;
+    if mode == IoMode::Passthrough {
+        let shared = match node.backing.upgrade() {
+            Some(backing) => Ok(backing),
+            None => open_backing().map(Arc::new),
+        };
+        match shared {
+            Ok(shared) => {
+                node.backing = Arc::downgrade(&shared);
+                backing = Some(shared);
+            }
+            // Cannot join the inode's passthrough opens: the kernel would refuse.
+            Err(_) if node.passthrough_opens > 0 => return Err(Errno::EIO),
+            Err(e) => {
+                tracing::debug!("no passthrough for an open: {e}");
+                mode = mode_for(node, access, false);
+            }
+        }
+    }
+    *mode.opens(node) += 1;
+    Ok((mode, backing))
 }
 
 pub(super) struct Handle {
@@ -44,7 +137,7 @@ impl MirrorFs {
             Err(e) => return reply.error(e),
         };
         let raw = flags.0;
-        let writable = raw & libc::O_ACCMODE != libc::O_RDONLY;
+        let access = Access::of(raw);
         let keep = OFlags::from_bits_retain(
             (raw & (libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME)) as u32,
         );
@@ -57,67 +150,161 @@ impl MirrorFs {
         let Some(node) = inodes.nodes.get_mut(&ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let passthrough = self.passthrough.load(Ordering::SeqCst)
-            && if writable {
-                node.passthrough_opens > 0
-            } else {
-                node.cached_opens == 0
+        let passthrough = self.passthrough.load(Ordering::SeqCst);
+        let (mode, backing) =
+            match admit(node, access, passthrough, || reply.open_backing(fd.as_fd())) {
+                Ok(admitted) => admitted,
+                Err(e) => return reply.error(e),
             };
-        if passthrough {
-            let backing = match node.backing.upgrade() {
-                Some(backing) => Ok(backing),
-                None => reply.open_backing(fd.as_fd()).map(Arc::new),
-            };
-            if let Ok(backing) = backing {
-                node.backing = Arc::downgrade(&backing);
-                node.passthrough_opens += 1;
-                drop(inodes);
-                let flags = if writable {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else {
-                    FopenFlags::empty()
-                };
-                self.handles.lock().expect("handle lock").insert(
-                    fh,
-                    Handle {
-                        fd,
-                        ino: ino.0,
-                        mode: IoMode::Passthrough,
-                        _backing: Some(backing.clone()),
-                    },
-                );
-                return reply.opened_passthrough(FileHandle(fh), flags, &backing);
-            }
-            if node.passthrough_opens > 0 {
-                // Cannot join the inode's passthrough opens: the kernel would refuse.
-                return reply.error(Errno::EIO);
-            }
-        }
-        node.cached_opens += 1;
         drop(inodes);
         self.handles.lock().expect("handle lock").insert(
             fh,
             Handle {
                 fd,
                 ino: ino.0,
-                mode: IoMode::Cached,
-                _backing: None,
+                mode,
+                _backing: backing.clone(),
             },
         );
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        let flags = mode.open_flags(access);
+        match backing {
+            Some(backing) => reply.opened_passthrough(FileHandle(fh), flags, &backing),
+            None => reply.opened(FileHandle(fh), flags),
+        }
     }
 
     pub(super) fn release_handle(&self, fh: FileHandle, reply: ReplyEmpty) {
         if let Some(handle) = self.handles.lock().expect("handle lock").remove(&fh.0) {
             if let Some(node) = self.inodes().nodes.get_mut(&handle.ino) {
-                match handle.mode {
-                    IoMode::Cached => node.cached_opens = node.cached_opens.saturating_sub(1),
-                    IoMode::Passthrough => {
-                        node.passthrough_opens = node.passthrough_opens.saturating_sub(1)
-                    }
-                }
+                let opens = handle.mode.opens(node);
+                *opens = opens.saturating_sub(1);
             }
         }
         reply.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(cached: u32, passthrough: u32, direct: u32) -> Node {
+        let mut node = Node::new(1, b"f".to_vec());
+        node.cached_opens = cached;
+        node.passthrough_opens = passthrough;
+        node.direct_opens = direct;
+        node
+    }
+
+    #[test]
+    fn write_only_opens_bypass_the_page_cache_unless_cached_opens_exist() {
+        assert_eq!(
+            mode_for(&node(0, 0, 0), Access::WriteOnly, true),
+            IoMode::Direct
+        );
+        assert_eq!(
+            mode_for(&node(0, 0, 2), Access::WriteOnly, true),
+            IoMode::Direct
+        );
+        assert_eq!(
+            mode_for(&node(1, 0, 0), Access::WriteOnly, true),
+            IoMode::Cached
+        );
+        assert_eq!(
+            mode_for(&node(0, 1, 0), Access::WriteOnly, true),
+            IoMode::Passthrough
+        );
+    }
+
+    #[test]
+    fn read_write_opens_are_cached_unless_they_must_join_another_mode() {
+        assert_eq!(
+            mode_for(&node(0, 0, 0), Access::ReadWrite, true),
+            IoMode::Cached
+        );
+        assert_eq!(
+            mode_for(&node(3, 0, 0), Access::ReadWrite, true),
+            IoMode::Cached
+        );
+        assert_eq!(
+            mode_for(&node(0, 0, 1), Access::ReadWrite, true),
+            IoMode::Direct
+        );
+        assert_eq!(
+            mode_for(&node(0, 1, 1), Access::ReadWrite, true),
+            IoMode::Passthrough
+        );
+    }
+
+    #[test]
+    fn read_only_opens_pass_through_beside_direct_writers() {
+        assert_eq!(
+            mode_for(&node(0, 0, 0), Access::ReadOnly, true),
+            IoMode::Passthrough
+        );
+        assert_eq!(
+            mode_for(&node(0, 0, 1), Access::ReadOnly, true),
+            IoMode::Passthrough
+        );
+        assert_eq!(
+            mode_for(&node(1, 0, 0), Access::ReadOnly, true),
+            IoMode::Cached
+        );
+        // Without passthrough they read uncached beside direct writers.
+        assert_eq!(
+            mode_for(&node(0, 0, 1), Access::ReadOnly, false),
+            IoMode::Direct
+        );
+        assert_eq!(
+            mode_for(&node(0, 0, 0), Access::ReadOnly, false),
+            IoMode::Cached
+        );
+    }
+
+    #[test]
+    fn an_open_that_gets_no_backing_file_falls_back_unless_it_must_join_passthrough() {
+        let no_kernel = || Err(std::io::Error::other("no kernel here"));
+        let mut alone = node(0, 0, 1);
+        let (mode, backing) = admit(&mut alone, Access::ReadOnly, true, no_kernel).unwrap();
+        assert_eq!((mode, backing.is_none()), (IoMode::Direct, true));
+        assert_eq!(alone.direct_opens, 2);
+        // Passthrough opens exist but their backing file is gone: refuse, count nothing.
+        let mut joining = node(0, 1, 0);
+        assert_eq!(
+            admit(&mut joining, Access::WriteOnly, true, no_kernel).unwrap_err(),
+            Errno::EIO
+        );
+        assert_eq!(joining.passthrough_opens + joining.direct_opens, 1);
+    }
+
+    /// Any sequence of opens and closes keeps cached opens apart from the other modes.
+    #[test]
+    fn no_sequence_of_opens_mixes_cached_with_other_modes() {
+        let accesses = [Access::ReadOnly, Access::WriteOnly, Access::ReadWrite];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for passthrough in [true, false] {
+            let mut node = node(0, 0, 0);
+            let mut open: Vec<IoMode> = Vec::new();
+            for _ in 0..10_000 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if state.is_multiple_of(3) && !open.is_empty() {
+                    let mode = open.swap_remove((state >> 8) as usize % open.len());
+                    *mode.opens(&mut node) -= 1;
+                } else {
+                    let mode = mode_for(&node, accesses[(state >> 8) as usize % 3], passthrough);
+                    *mode.opens(&mut node) += 1;
+                    open.push(mode);
+                }
+                assert!(
+                    node.cached_opens == 0 || node.passthrough_opens + node.direct_opens == 0,
+                    "cached {} passthrough {} direct {}",
+                    node.cached_opens,
+                    node.passthrough_opens,
+                    node.direct_opens
+                );
+            }
+        }
     }
 }

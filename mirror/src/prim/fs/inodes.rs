@@ -16,12 +16,29 @@ pub(super) struct Node {
     lookups: u64,
     /// False once unlinked or replaced: it has no path any more.
     linked: bool,
-    /// Open handles by I/O mode; the kernel refuses to mix the two on one inode.
+    /// Open handles by I/O mode (see [`super::handles::mode_for`] for the mixes allowed).
     pub(super) cached_opens: u32,
     pub(super) passthrough_opens: u32,
+    pub(super) direct_opens: u32,
     /// The backing file the kernel reads for this inode's passthrough opens, shared by
     /// them and released with the last one.
     pub(super) backing: Weak<BackingId>,
+}
+
+impl Node {
+    /// A node the kernel has looked up once, with nothing open.
+    pub(super) fn new(parent: u64, name: Vec<u8>) -> Node {
+        Node {
+            parent,
+            name,
+            lookups: 1,
+            linked: true,
+            cached_opens: 0,
+            passthrough_opens: 0,
+            direct_opens: 0,
+            backing: Weak::new(),
+        }
+    }
 }
 
 pub(super) struct Inodes {
@@ -37,18 +54,7 @@ const ROOT: u64 = 1;
 impl Inodes {
     pub(super) fn new() -> Self {
         let mut nodes = HashMap::new();
-        nodes.insert(
-            ROOT,
-            Node {
-                parent: ROOT,
-                name: Vec::new(),
-                lookups: 1,
-                linked: true,
-                cached_opens: 0,
-                passthrough_opens: 0,
-                backing: Weak::new(),
-            },
-        );
+        nodes.insert(ROOT, Node::new(ROOT, Vec::new()));
         Inodes {
             nodes,
             by_name: HashMap::new(),
@@ -83,18 +89,7 @@ impl Inodes {
         }
         let ino = self.next;
         self.next += 1;
-        self.nodes.insert(
-            ino,
-            Node {
-                parent,
-                name: name.to_vec(),
-                lookups: 1,
-                linked: true,
-                cached_opens: 0,
-                passthrough_opens: 0,
-                backing: Weak::new(),
-            },
-        );
+        self.nodes.insert(ino, Node::new(parent, name.to_vec()));
         self.by_name.insert((parent, name.to_vec()), ino);
         ino
     }
