@@ -126,8 +126,8 @@ async fn in_fsync_mode_an_fsync_makes_everything_before_it_durable_on_second_at_
         started.elapsed()
     })
     .await;
-    // Waiting for SECOND's periodic sync would cost about SYNC_EVERY per fsync.
-    let periodic = rampart_mirror::second::SYNC_EVERY * FSYNCS;
+    // Waiting for SECOND's periodic sync would cost about its interval per fsync.
+    let periodic = SECOND_SYNC_EVERY * FSYNCS;
     assert!(took < periodic / 2, "{FSYNCS} fsyncs took {took:?}");
     let (prim, second) = (
         pair.prim.as_ref().unwrap().status(),

@@ -94,6 +94,9 @@ pub struct SecondArgs {
     /// Oldest epoch accepted.
     #[arg(long, default_value = "0")]
     epoch: u64,
+    /// In write and fsync modes, sync the copy at least this often (e.g. 5s, 200ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    sync_every: Duration,
 }
 
 fn key(path: &PathBuf) -> anyhow::Result<ClusterKey> {
@@ -162,6 +165,7 @@ pub async fn run(command: &MirrorCommand) -> anyhow::Result<ExitCode> {
                     key: key(&args.common.secret_file)?,
                     zone_size: args.common.zone_size,
                     ack: args.common.ack,
+                    sync_every: args.sync_every,
                     protect: true,
                 },
                 &args.listen,

@@ -59,7 +59,7 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
         sync_point,
     };
     writer
-        .send(&protocol::encode(&hello, &[]))
+        .send(protocol::encode(&hello, &[]))
         .await
         .map_err(|e| e.to_string())?;
     let reply = tokio::time::timeout(config.link_timeout, reader.recv())
@@ -95,10 +95,10 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
         let engine = engine.clone();
         tokio::spawn(async move {
             while let Some(frame) = frames_rx.recv().await {
-                let mut result = writer.write(&frame).await;
+                let mut result = writer.write(frame).await;
                 while result.is_ok() {
                     match frames_rx.try_recv() {
-                        Ok(frame) => result = writer.write(&frame).await,
+                        Ok(frame) => result = writer.write(frame).await,
                         Err(_) => break,
                     }
                 }

@@ -1,7 +1,7 @@
 //! The applier thread: applies the stream in order to SECOND's tree, answers
 //! reintegration requests, and syncs what it applied before advancing the durable
-//! watermark (at once in `durable` mode and on an fsync, within [`SYNC_EVERY`]
-//! otherwise).
+//! watermark (at once in `durable` mode and on an fsync, within
+//! [`SecondConfig::sync_every`] otherwise).
 
 use std::collections::BTreeSet;
 use std::io;
@@ -164,7 +164,7 @@ pub(super) fn apply_loop(
         }
         if unsynced
             .since
-            .is_some_and(|since| since.elapsed() >= SYNC_EVERY)
+            .is_some_and(|since| since.elapsed() >= shared.config.sync_every)
         {
             sync(shared, &mut unsynced, watermarks);
         }

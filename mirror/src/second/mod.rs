@@ -6,7 +6,8 @@
 //!   *receipt* (what `write` mode waits for), itself when the writer is idle;
 //! - the applier thread applies them in order to the [`Tree`], answers reintegration
 //!   requests, syncs what it applied (at once in `durable` mode and on an fsync,
-//!   within [`SYNC_EVERY`] otherwise) and advances the *durable* watermark PRIM clears its
+//!   within [`SecondConfig::sync_every`] otherwise) and advances the *durable*
+//!   watermark PRIM clears its
 //!   intents by;
 //! - the writer task sends `Failed`, answers and coalesced acks, in that order of
 //!   priority, so a `Failed` always precedes the ack that makes its sequence durable
@@ -34,12 +35,9 @@ use crate::tree::Tree;
 use crate::{AckMode, MirrorError};
 use applier::{apply_loop, Work};
 
-/// In `write` and `fsync` modes, applied changes are synced at least this often (an
-/// fsync from PRIM syncs at once). Nothing waits for these syncs: they advance the
-/// durable watermark, by which PRIM clears its intents (which it keeps for 5 s after
-/// their last write anyway). More often would only take disk bandwidth from PRIM
-/// where the two share a disk, and from the application's reads on SECOND's.
-pub const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// The default of [`SecondConfig::sync_every`]: the interval at which a local file system
+/// commits (ext4's default `commit=5`).
+pub const SYNC_EVERY: Duration = Duration::from_secs(5);
 /// How often the applier, when idle, checks whether to sync or stop.
 const APPLIER_POLL: Duration = Duration::from_millis(50);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,6 +51,14 @@ pub struct SecondConfig {
     pub key: ClusterKey,
     pub zone_size: u64,
     pub ack: AckMode,
+    /// In `write` and `fsync` modes, applied changes are synced at least this often
+    /// (an fsync from PRIM syncs at once; `durable` mode syncs before each ack).
+    /// Nothing waits for these syncs: they advance the durable watermark, by which
+    /// PRIM clears its intents (which it keeps for 5 s after their last write anyway),
+    /// and `write` mode promises SECOND's receipt, not its disk. Syncing more often
+    /// buys nothing but disk bandwidth taken from the application on SECOND's disk
+    /// (and from PRIM's, where the two share one).
+    pub sync_every: Duration,
     /// Bind-mount `dir` read-only over itself while running.
     pub protect: bool,
 }
@@ -235,7 +241,7 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     };
     if let Some(reason) = refuse {
         writer
-            .send(&protocol::encode(
+            .send(protocol::encode(
                 &Up::Refused {
                     reason: reason.clone(),
                 },
@@ -251,7 +257,7 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
         sync_point: shared.book.sync_point()?,
         overwrite,
     };
-    writer.send(&protocol::encode(&welcome, &[])).await?;
+    writer.send(protocol::encode(&welcome, &[])).await?;
     {
         let mut status = shared.status.lock().expect("status lock");
         status.connected = true;
@@ -294,13 +300,13 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
                 };
                 let mut up = upstream.lock().await;
                 if let Some(message) = first {
-                    up.writer.write(&protocol::encode(&message, &[])).await?;
+                    up.writer.write(protocol::encode(&message, &[])).await?;
                 }
                 // The applier queues a Failed before it advances the durable mark: read
                 // the marks, then drain the queue, and the Failed goes out first.
                 let now = watermarks.get();
                 while let Ok(message) = up_rx.try_recv() {
-                    up.writer.write(&protocol::encode(&message, &[])).await?;
+                    up.writer.write(protocol::encode(&message, &[])).await?;
                 }
                 if now != up.sent || watermarks.ping.swap(false, Ordering::SeqCst) {
                     up.write_ack(now.0, now.1).await?;
@@ -381,7 +387,7 @@ impl Upstream {
             received: self.sent.0,
             durable,
         };
-        Ok(self.writer.write(&protocol::encode(&ack, &[])).await?)
+        Ok(self.writer.write(protocol::encode(&ack, &[])).await?)
     }
 }
 

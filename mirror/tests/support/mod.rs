@@ -14,6 +14,9 @@ use rampart_raft::transport::ClusterKey;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub const SECRET: &[u8] = b"mirror test secret";
+/// SECOND syncs this often in the tests, so that they can wait for PRIM's intents to
+/// be durable on SECOND without waiting for the default interval.
+pub const SECOND_SYNC_EVERY: Duration = Duration::from_millis(200);
 
 pub struct Pair {
     pub root: tempfile::TempDir,
@@ -61,6 +64,7 @@ impl Pair {
                 key: key(),
                 zone_size: self.zone_size,
                 ack: self.ack,
+                sync_every: SECOND_SYNC_EVERY,
                 protect: true,
             },
             listen,

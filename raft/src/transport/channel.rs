@@ -1,4 +1,4 @@
-//! An authenticated, framed channel over TCP.
+//! An authenticated, encrypted, framed channel over TCP.
 //!
 //! Handshake (both sides hold the cluster key `K`, derived from the cluster secret):
 //!
@@ -9,27 +9,36 @@
 //! ```
 //!
 //! `H` is keyed blake3. Each side proves knowledge of `K` over the other side's fresh
-//! nonce, so neither a replay nor a reflection of an earlier handshake passes. The
-//! session key is `H(K, "session" ‖ Nc ‖ Ns)`.
+//! nonce, so neither a replay nor a reflection of an earlier handshake passes. Each
+//! direction then has its own frame key, `H(K, "client frames" ‖ Nc ‖ Ns)` and
+//! `H(K, "server frames" ‖ Nc ‖ Ns)`: fresh for every connection.
 //!
-//! Frames: `len: u32 BE ‖ payload ‖ mac (16 bytes)`, where the MAC covers the
-//! direction, a per-direction sequence number and the payload; a dropped, reordered,
-//! replayed or altered frame fails verification and the channel is closed. The channel
-//! authenticates but does not encrypt: confidentiality comes from TLS (a later layer).
+//! Frames: `len: u32 BE ‖ AES-256-GCM(payload) ‖ tag (16 bytes)`, sealed with the
+//! direction's key, the frame's number in that direction as nonce and the length as
+//! associated data. A dropped, reordered, replayed or altered frame fails to open and
+//! the channel is closed; what a frame carries is private. (On the replication
+//! stream's 1 MiB frames, AES-GCM on the CPU's AES instructions costs about half of
+//! the keyed blake3 MAC it replaced, on both sides.)
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::time::Duration;
 
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-const MAGIC: &[u8; 8] = b"RAMPART1";
+/// `RAMPART` and the protocol version.
+const MAGIC: &[u8; 8] = b"RAMPART2";
 const NONCE_LEN: usize = 32;
-const MAC_LEN: usize = 16;
+const TAG_LEN: usize = 16;
 /// Largest frame accepted; large enough for a snapshot chunk or a module package.
 pub const MAX_FRAME: usize = 64 << 20;
+/// Sealed frames smaller than this wait in the writer's buffer for [`FrameWriter::flush`],
+/// so that a burst of small frames (acknowledgements) costs one system call; larger
+/// ones are written at once, from where they were sealed.
+const COALESCE_BELOW: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -39,6 +48,8 @@ pub enum ChannelError {
     Timeout(Duration),
     #[error("peer is not a Rampart node (bad magic)")]
     BadMagic,
+    #[error("peer speaks another version of Rampart's node protocol ({0:?}, this node speaks {MAGIC:?})")]
+    Version(String),
     #[error("peer failed authentication: it does not hold this cluster's secret")]
     AuthenticationFailed,
     #[error("frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
@@ -89,20 +100,63 @@ enum Side {
     Server,
 }
 
-/// Sending half: frames carry this side's direction and sequence number.
-pub struct FrameWriter {
-    stream: BufWriter<OwnedWriteHalf>,
-    key: [u8; 32],
-    direction: u8,
-    seq: u64,
+/// One direction's frame key and the number of the next frame, its nonce. Nonces never
+/// repeat under a key: the number only grows, and each connection has fresh keys.
+struct FrameKey {
+    key: LessSafeKey,
+    next: u64,
 }
 
-/// Receiving half: expects the peer's direction and the next sequence number.
+impl FrameKey {
+    fn new(bytes: &[u8; 32]) -> FrameKey {
+        let key = UnboundKey::new(&AES_256_GCM, bytes).expect("a 32-byte AES-256 key");
+        FrameKey {
+            key: LessSafeKey::new(key),
+            next: 0,
+        }
+    }
+
+    fn nonce(&mut self) -> Nonce {
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&self.next.to_be_bytes());
+        self.next += 1;
+        Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// Encrypts `payload` in place; returns the tag that follows it on the wire.
+    fn seal(&mut self, len: [u8; 4], payload: &mut [u8]) -> [u8; TAG_LEN] {
+        let nonce = self.nonce();
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(len), payload)
+            .expect("frames are far below AES-GCM's length limit");
+        let mut bytes = [0u8; TAG_LEN];
+        bytes.copy_from_slice(tag.as_ref());
+        bytes
+    }
+
+    /// Decrypts `sealed` (ciphertext then tag) in place; returns the plaintext's length.
+    fn open(&mut self, len: [u8; 4], sealed: &mut [u8]) -> Result<usize, ChannelError> {
+        let nonce = self.nonce();
+        self.key
+            .open_in_place(nonce, Aad::from(len), sealed)
+            .map(|plain| plain.len())
+            .map_err(|_| ChannelError::BadFrame)
+    }
+}
+
+/// Sending half: frames are sealed with this direction's key, in order.
+pub struct FrameWriter {
+    stream: OwnedWriteHalf,
+    key: FrameKey,
+    /// Sealed small frames not yet written.
+    pending: Vec<u8>,
+}
+
+/// Receiving half: expects the peer's frames in order.
 pub struct FrameReader {
     stream: BufReader<OwnedReadHalf>,
-    key: [u8; 32],
-    direction: u8,
-    seq: u64,
+    key: FrameKey,
 }
 
 /// Both halves of an authenticated connection.
@@ -189,30 +243,29 @@ impl SecureChannel {
                 (theirs, mine)
             }
         };
-        let session = key.mac(b"session", &[&client_nonce, &server_nonce]);
-        let (mine_dir, theirs_dir) = match side {
-            Side::Client => (0u8, 1u8),
-            Side::Server => (1u8, 0u8),
+        let nonces: [&[u8]; 2] = [&client_nonce, &server_nonce];
+        let client_frames = key.mac(b"client frames", &nonces);
+        let server_frames = key.mac(b"server frames", &nonces);
+        let (mine, theirs) = match side {
+            Side::Client => (client_frames, server_frames),
+            Side::Server => (server_frames, client_frames),
         };
         let (read, write) = stream.into_split();
         Ok(SecureChannel {
             reader: FrameReader {
                 stream: BufReader::new(read),
-                key: session,
-                direction: theirs_dir,
-                seq: 0,
+                key: FrameKey::new(&theirs),
             },
             writer: FrameWriter {
-                stream: BufWriter::new(write),
-                key: session,
-                direction: mine_dir,
-                seq: 0,
+                stream: write,
+                key: FrameKey::new(&mine),
+                pending: Vec::new(),
             },
             peer,
         })
     }
 
-    pub async fn send(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
+    pub async fn send(&mut self, payload: Vec<u8>) -> Result<(), ChannelError> {
         self.writer.send(payload).await
     }
 
@@ -221,71 +274,99 @@ impl SecureChannel {
     }
 }
 
-fn frame_mac(key: &[u8; 32], direction: u8, seq: u64, payload: &[u8]) -> [u8; MAC_LEN] {
-    let mut hasher = blake3::Hasher::new_keyed(key);
-    hasher.update(&[direction]);
-    hasher.update(&seq.to_be_bytes());
-    hasher.update(payload);
-    let mut mac = [0u8; MAC_LEN];
-    mac.copy_from_slice(&hasher.finalize().as_bytes()[..MAC_LEN]);
-    mac
-}
-
 impl FrameWriter {
     /// Writes one frame and flushes it.
-    pub async fn send(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
+    pub async fn send(&mut self, payload: Vec<u8>) -> Result<(), ChannelError> {
         self.write(payload).await?;
         self.flush().await
     }
 
-    /// Buffers one frame; [`FrameWriter::flush`] sends what is buffered. For pipelining.
-    pub async fn write(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
+    /// Seals one frame in place. A small one waits for [`FrameWriter::flush`] (for
+    /// pipelining); a large one is written at once, after whatever waits.
+    pub async fn write(&mut self, mut payload: Vec<u8>) -> Result<(), ChannelError> {
         if payload.len() > MAX_FRAME {
             return Err(ChannelError::FrameTooLarge(payload.len()));
         }
-        let mac = frame_mac(&self.key, self.direction, self.seq, payload);
-        self.seq += 1;
-        let len = u32::try_from(payload.len()).expect("MAX_FRAME fits in u32");
-        self.stream.write_all(&len.to_be_bytes()).await?;
-        self.stream.write_all(payload).await?;
-        self.stream.write_all(&mac).await?;
+        let len = u32::try_from(payload.len())
+            .expect("MAX_FRAME fits in u32")
+            .to_be_bytes();
+        let tag = self.key.seal(len, &mut payload);
+        if payload.len() < COALESCE_BELOW {
+            self.pending.extend_from_slice(&len);
+            self.pending.extend_from_slice(&payload);
+            self.pending.extend_from_slice(&tag);
+            if self.pending.len() >= COALESCE_BELOW {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        let parts = [&self.pending[..], &len, &payload, &tag];
+        write_all_vectored(&mut self.stream, &parts).await?;
+        self.pending.clear();
         Ok(())
     }
 
+    /// Writes the frames waiting in the buffer.
     pub async fn flush(&mut self) -> Result<(), ChannelError> {
-        Ok(self.stream.flush().await?)
+        if !self.pending.is_empty() {
+            self.stream.write_all(&self.pending).await?;
+            self.pending.clear();
+        }
+        Ok(())
     }
 }
 
 impl FrameReader {
-    /// Reads and verifies the next frame.
+    /// Reads and opens the next frame.
     pub async fn recv(&mut self) -> Result<Vec<u8>, ChannelError> {
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).await?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
-            return Err(ChannelError::FrameTooLarge(len));
+        let payload_len = u32::from_be_bytes(len) as usize;
+        if payload_len > MAX_FRAME {
+            return Err(ChannelError::FrameTooLarge(payload_len));
         }
-        let mut payload = vec![0u8; len];
-        self.stream.read_exact(&mut payload).await?;
-        let mut mac = [0u8; MAC_LEN];
-        self.stream.read_exact(&mut mac).await?;
-        if !constant_time_eq(
-            &mac,
-            &frame_mac(&self.key, self.direction, self.seq, &payload),
-        ) {
-            return Err(ChannelError::BadFrame);
+        // Read into spare capacity: a large frame is not zeroed first.
+        let sealed_len = payload_len + TAG_LEN;
+        let mut frame = Vec::with_capacity(sealed_len);
+        while frame.len() < sealed_len {
+            let left = (sealed_len - frame.len()) as u64;
+            if (&mut self.stream).take(left).read_buf(&mut frame).await? == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
         }
-        self.seq += 1;
-        Ok(payload)
+        let plain = self.key.open(len, &mut frame)?;
+        frame.truncate(plain);
+        Ok(frame)
     }
+}
+
+/// Writes every byte of `parts`, in order, with as few system calls as the socket allows.
+async fn write_all_vectored(stream: &mut OwnedWriteHalf, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|part| !part.is_empty())
+        .map(|part| IoSlice::new(part))
+        .collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let written = stream.write_vectored(slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
 }
 
 async fn read_magic_and_nonce(stream: &mut TcpStream) -> Result<[u8; NONCE_LEN], ChannelError> {
     let mut magic = [0u8; 8];
     stream.read_exact(&mut magic).await?;
     if &magic != MAGIC {
-        return Err(ChannelError::BadMagic);
+        return Err(if magic.starts_with(b"RAMPART") {
+            ChannelError::Version(String::from_utf8_lossy(&magic).into_owned())
+        } else {
+            ChannelError::BadMagic
+        });
     }
     let mut nonce = [0u8; NONCE_LEN];
     stream.read_exact(&mut nonce).await?;
@@ -325,10 +406,23 @@ mod tests {
     async fn peers_with_the_same_secret_exchange_frames() {
         let (server, client) = pair(b"s3cret", b"s3cret").await;
         let (mut server, mut client) = (server.unwrap(), client.unwrap());
-        client.send(b"ping").await.unwrap();
+        client.send(b"ping".to_vec()).await.unwrap();
         assert_eq!(server.recv().await.unwrap(), b"ping");
-        server.send(b"").await.unwrap();
+        server.send(Vec::new()).await.unwrap();
         assert_eq!(client.recv().await.unwrap(), b"");
+        // Small frames wait for a flush; a large one goes out with them, in order.
+        let large: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 251) as u8).collect();
+        for i in 0..100u8 {
+            client.writer.write(vec![i; 300]).await.unwrap();
+        }
+        client.writer.write(large.clone()).await.unwrap();
+        client.writer.write(b"last".to_vec()).await.unwrap();
+        client.writer.flush().await.unwrap();
+        for i in 0..100u8 {
+            assert_eq!(server.recv().await.unwrap(), vec![i; 300]);
+        }
+        assert_eq!(server.recv().await.unwrap(), large);
+        assert_eq!(server.recv().await.unwrap(), b"last");
     }
 
     #[tokio::test]
@@ -339,31 +433,89 @@ mod tests {
         assert!(server.is_err());
     }
 
+    /// The server's channel and what its reader made of the frames after the first.
+    async fn server_reading_two_frames(
+        listener: TcpListener,
+        key: ClusterKey,
+    ) -> (Vec<u8>, Result<Vec<u8>, ChannelError>) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut channel = SecureChannel::accept(stream, &key, TIMEOUT).await.unwrap();
+        let first = channel.recv().await.unwrap();
+        (first, channel.recv().await)
+    }
+
     #[tokio::test]
     async fn a_replayed_frame_is_rejected() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let key = ClusterKey::from_secret(b"k");
-        let server_key = key.clone();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let mut channel = SecureChannel::accept(stream, &server_key, TIMEOUT)
-                .await
-                .unwrap();
-            let first = channel.recv().await.unwrap();
-            (first, channel.recv().await)
-        });
+        let server = tokio::spawn(server_reading_two_frames(listener, key.clone()));
         let mut client = SecureChannel::connect(&addr, &key, TIMEOUT).await.unwrap();
-        client.send(b"once").await.unwrap();
-        // Re-send the exact bytes of frame 0 as if replayed by an attacker.
-        let mac = frame_mac(&client.writer.key, 0, 0, b"once");
-        let raw = client.writer.stream.get_mut();
-        raw.write_all(&4u32.to_be_bytes()).await.unwrap();
-        raw.write_all(b"once").await.unwrap();
-        raw.write_all(&mac).await.unwrap();
+        client.send(b"once".to_vec()).await.unwrap();
+        // Seal the same frame under the same nonce again: the exact bytes of frame 0,
+        // as an attacker replaying them would send.
+        client.writer.key.next = 0;
+        client.send(b"once".to_vec()).await.unwrap();
         let (first, replay) = server.await.unwrap();
         assert_eq!(first, b"once");
-        assert!(matches!(replay, Err(ChannelError::BadFrame)));
+        assert!(matches!(replay, Err(ChannelError::BadFrame)), "{replay:?}");
+    }
+
+    #[tokio::test]
+    async fn an_altered_frame_is_rejected() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let key = ClusterKey::from_secret(b"k");
+        let server = tokio::spawn(server_reading_two_frames(listener, key.clone()));
+        let mut client = SecureChannel::connect(&addr, &key, TIMEOUT).await.unwrap();
+        client.send(b"intact".to_vec()).await.unwrap();
+        let mut payload = b"pay 10 euros".to_vec();
+        let len = (payload.len() as u32).to_be_bytes();
+        let tag = client.writer.key.seal(len, &mut payload);
+        payload[4] ^= 1;
+        let raw = &mut client.writer.stream;
+        for part in [&len[..], &payload, &tag] {
+            raw.write_all(part).await.unwrap();
+        }
+        let (first, altered) = server.await.unwrap();
+        assert_eq!(first, b"intact");
+        assert!(
+            matches!(altered, Err(ChannelError::BadFrame)),
+            "{altered:?}"
+        );
+    }
+
+    #[test]
+    fn what_a_frame_carries_is_not_readable_on_the_wire() {
+        let plain = b"the cluster secret is not in here, but this sentence is".to_vec();
+        let mut sealed = plain.clone();
+        let tag = FrameKey::new(&[7; 32]).seal([0, 0, 0, 55], &mut sealed);
+        assert_ne!(sealed, plain);
+        assert!(!sealed.windows(8).any(|w| plain.windows(8).any(|p| p == w)));
+        // The receiver's key opens it.
+        sealed.extend_from_slice(&tag);
+        let opened = FrameKey::new(&[7; 32])
+            .open([0, 0, 0, 55], &mut sealed)
+            .unwrap();
+        assert_eq!(&sealed[..opened], &plain[..]);
+    }
+
+    #[tokio::test]
+    async fn a_node_of_another_protocol_version_is_told_so() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            SecureChannel::accept(stream, &ClusterKey::from_secret(b"k"), TIMEOUT).await
+        });
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"RAMPART1").await.unwrap();
+        stream.write_all(&[0u8; NONCE_LEN]).await.unwrap();
+        let refused = server.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&refused, ChannelError::Version(v) if v == "RAMPART1"),
+            "{refused}"
+        );
     }
 
     #[tokio::test]

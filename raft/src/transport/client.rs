@@ -81,7 +81,7 @@ impl PeerConnection {
         }
         let channel = self.channel.as_mut().expect("connected just above");
         let exchange = async {
-            channel.send(&request).await?;
+            channel.send(request).await?;
             channel.recv().await
         };
         let result = match tokio::time::timeout(timeout, exchange).await {

@@ -86,6 +86,6 @@ async fn serve_connection<H: RpcHandler>(
         };
         let reply = handler.handle(rpc).await;
         let bytes = codec::encode(&reply).expect("replies are always encodable");
-        channel.send(&bytes).await?;
+        channel.send(bytes).await?;
     }
 }
