@@ -340,14 +340,13 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
                     "frame of epoch {frame_epoch} in a session of epoch {epoch} (oldest accepted {fence})"
                 )));
             }
-            if work_tx.send(Work::Frame(message, frame, data_at)).is_err() {
-                return Err(MirrorError::Protocol("the applier stopped".into()));
-            }
             if let Some(seq) = seq {
                 watermarks.received.store(seq, Ordering::SeqCst);
                 // Acknowledge receipt from here when the writer is free (the common
-                // case): waking the writer task costs more than the write. The durable
-                // mark stays as last sent: only the writer task orders it after Failed.
+                // case): waking the writer task costs more than the write. Before the
+                // applier gets the frame: receipt does not wait for it, and waking it
+                // first would delay the ack. The durable mark stays as last sent: only
+                // the writer task orders it after Failed.
                 match upstream.try_lock() {
                     Ok(mut up) => {
                         let durable = up.sent.1;
@@ -356,6 +355,9 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
                     }
                     Err(_) => watermarks.changed.notify_one(),
                 }
+            }
+            if work_tx.send(Work::Frame(message, frame, data_at)).is_err() {
+                return Err(MirrorError::Protocol("the applier stopped".into()));
             }
         }
     }
