@@ -141,6 +141,74 @@ async fn in_fsync_mode_an_fsync_makes_everything_before_it_durable_on_second_at_
     converge(&a, &b, Duration::from_secs(5)).await;
 }
 
+/// As on any file system, a write by a user without CAP_FSETID drops the file's
+/// set-user-ID and set-group-ID bits, and any write drops its capabilities: through a
+/// write-only open (uncached, where the kernel leaves it to us) and a read-write one
+/// (cached, where the kernel asks for it); SECOND's copy follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_write_drops_set_id_bits_and_capabilities_on_both_copies() {
+    use std::os::unix::process::CommandExt;
+    let mut pair = Pair::new(AckMode::Write);
+    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+    // Let the unprivileged writer reach the mount.
+    std::fs::set_permissions(pair.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let a = pair.dir("a");
+    blocking(move || {
+        // A valid file capability (version 2, effective, nothing permitted).
+        let capability = [1u8, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        for (name, script) in [
+            ("uncached", r#"printf x >> "$0""#),
+            ("cached", r#"exec 3<>"$0" && printf x >&3"#),
+        ] {
+            let path = a.join(name);
+            std::fs::write(&path, b"program").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o6777)).unwrap();
+            xattr_set(&path, "security.capability", &capability);
+            let status = std::process::Command::new("sh")
+                .args(["-c", script])
+                .arg(&path)
+                .uid(65534)
+                .gid(65534)
+                .status()
+                .unwrap();
+            assert!(status.success(), "{name}: the unprivileged write failed");
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o777, "{name}: mode {mode:o}");
+            assert_eq!(xattr_get(&path, "security.capability"), None, "{name}");
+        }
+    })
+    .await;
+    let (a, b) = (pair.dir("a"), pair.dir("b"));
+    converge(&a, &b, Duration::from_secs(5)).await;
+}
+
+pub fn xattr_get(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut value = vec![0u8; 256];
+    let len = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    if len < 0 {
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENODATA)
+        );
+        return None;
+    }
+    value.truncate(len as usize);
+    Some(value)
+}
+
 pub fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
     use std::os::unix::ffi::OsStrExt;
     let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();

@@ -157,8 +157,11 @@ impl Primary {
         ];
         options.acl = fuser::SessionACL::All;
         options.n_threads = Some(1);
-        let session = fuser::spawn_mount(fs::MirrorFs::new(engine.clone()), &dir, &options)
+        let fs = fs::MirrorFs::new(engine.clone());
+        let notifier = fs.notifier_slot();
+        let session = fuser::spawn_mount(fs, &dir, &options)
             .map_err(MirrorError::io("mount the interception file system"))?;
+        let _ = notifier.set(session.notifier());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let link_task = tokio::spawn(link::run(engine.clone(), stop_rx));
         Ok((

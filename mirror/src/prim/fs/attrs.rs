@@ -1,14 +1,24 @@
 //! Attributes: conversions between the real tree's stat and FUSE's, setattr and the
 //! extended attribute changes.
 
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyAttr, ReplyEmpty, TimeOrNow};
 
+use super::inodes::Node;
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Ticket, Touch};
 use crate::protocol::{Kind, Op, RelPath, SetTime, Time};
 use crate::tree::kind_of;
+
+/// The kernel asks for this attribute before every write through its cache, to drop a
+/// file's capabilities as any file system does. All changes go through this file
+/// system, so its absence is remembered per inode and the question costs no system
+/// call; each change of it anywhere voids what was remembered everywhere (hard links
+/// are distinct inodes here).
+pub(super) const CAPABILITY: &[u8] = b"security.capability";
 
 pub(super) fn errno_of(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
@@ -132,6 +142,106 @@ impl MirrorFs {
     /// setxattr and removexattr.
     pub(super) fn attribute_change(&self, op: Op, value: Vec<u8>, reply: ReplyEmpty) {
         let path = op.path().to_vec();
-        self.apply_change(&path, Touch::path(&path), op, value, || {}, reply);
+        let capability = matches!(&op, Op::SetXattr { name, .. } | Op::RemoveXattr { name, .. } if name == CAPABILITY);
+        let applied = || {
+            if capability {
+                self.capability_changes.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        self.apply_change(&path, Touch::path(&path), op, value, applied, reply);
+    }
+
+    pub(super) fn get_xattr(&self, ino: INodeNo, name: &[u8]) -> Result<Vec<u8>, Errno> {
+        let capability = name == CAPABILITY;
+        // Read before looking: a change in between voids what this lookup finds.
+        let changes = self.capability_changes.load(Ordering::SeqCst);
+        let absent =
+            |node: Option<&Node>| node.is_some_and(|n| n.capability_absent == Some(changes));
+        if capability && absent(self.inodes().nodes.get(&ino.0)) {
+            return Err(Errno::from_i32(libc::ENODATA));
+        }
+        let value = self
+            .path(ino)
+            .and_then(|path| self.engine.tree.get_xattr(&path, name).map_err(errno_of));
+        if capability && value.as_ref().is_err_and(|e| e.code() == libc::ENODATA) {
+            if let Some(node) = self.inodes().nodes.get_mut(&ino.0) {
+                node.capability_absent = Some(changes);
+            }
+        }
+        value
+    }
+
+    /// Before a write that bypasses the kernel's cache, what the kernel does for cached
+    /// writes: drop set-user-ID (and group-executable set-group-ID) when the writer
+    /// lacks CAP_FSETID (`kill_suidgid`), and the file's capabilities. Each is a change
+    /// of its own; the write's acknowledgement, later in the stream, covers them.
+    pub(super) fn drop_privileges(
+        &self,
+        ino: INodeNo,
+        path: &[u8],
+        fd: &OwnedFd,
+        kill_suidgid: bool,
+    ) -> Result<(), Errno> {
+        let io = |e: rustix::io::Errno| Errno::from_i32(e.raw_os_error());
+        if kill_suidgid {
+            let perm = rustix::fs::fstat(fd).map_err(io)?.st_mode & 0o7777;
+            let mut kept = perm & !libc::S_ISUID;
+            if perm & libc::S_IXGRP != 0 {
+                kept &= !libc::S_ISGID;
+            }
+            if kept != perm {
+                let op = Op::SetAttr {
+                    path: path.to_vec(),
+                    perm: Some(kept),
+                    uid: None,
+                    gid: None,
+                    atime: None,
+                    mtime: None,
+                };
+                let mode = rustix::fs::Mode::from_raw_mode(kept);
+                self.unanswered_change(op, || rustix::fs::fchmod(fd, mode))?;
+                self.invalidate_attributes(ino);
+            }
+        }
+        if self.get_xattr(ino, CAPABILITY).is_ok() {
+            let op = Op::RemoveXattr {
+                path: path.to_vec(),
+                name: CAPABILITY.to_vec(),
+            };
+            self.unanswered_change(op, || rustix::fs::fremovexattr(fd, CAPABILITY_NAME))?;
+            self.capability_changes.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// The kernel drops its cached attributes of `ino` (changed behind its back).
+    fn invalidate_attributes(&self, ino: INodeNo) {
+        if let Some(notifier) = self.notifier.get() {
+            if let Err(e) = notifier.inval_inode(ino, -1, 0) {
+                tracing::debug!("cannot invalidate the kernel's attributes of {ino:?}: {e}");
+            }
+        }
+    }
+
+    /// Applies `op` locally with `local` and streams it (unless its path is not
+    /// replicated) without answering anyone: a later change's answer covers it.
+    fn unanswered_change(
+        &self,
+        op: Op,
+        local: impl FnOnce() -> rustix::io::Result<()>,
+    ) -> Result<(), Errno> {
+        let io = |e: rustix::io::Errno| Errno::from_i32(e.raw_os_error());
+        if self.engine.not_replicated(op.path()) {
+            return local().map_err(io);
+        }
+        let change = self
+            .engine
+            .begin(Touch::path(op.path()))
+            .map_err(Errno::from_i32)?;
+        local().map_err(io)?;
+        change.commit(op, &[]);
+        Ok(())
     }
 }
+
+const CAPABILITY_NAME: &std::ffi::CStr = c"security.capability";

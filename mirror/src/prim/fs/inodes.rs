@@ -23,6 +23,9 @@ pub(super) struct Node {
     /// The backing file the kernel reads for this inode's passthrough opens, shared by
     /// them and released with the last one.
     pub(super) backing: Weak<BackingId>,
+    /// The file had no `security.capability` when the file system's count of changes
+    /// to that attribute was this (see [`super::attrs::CAPABILITY`]).
+    pub(super) capability_absent: Option<u64>,
 }
 
 impl Node {
@@ -37,6 +40,7 @@ impl Node {
             passthrough_opens: 0,
             direct_opens: 0,
             backing: Weak::new(),
+            capability_absent: None,
         }
     }
 }

@@ -26,7 +26,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -41,7 +41,7 @@ use crate::protocol::{Kind, Op, RelPath};
 use crate::tree::{join, read_at};
 use attrs::{attr_of, errno_of, file_type, set_time};
 use data::Syncers;
-use handles::{DirHandle, Handle};
+use handles::{DirHandle, Handle, IoMode};
 use inodes::Inodes;
 
 /// How long the kernel may cache entries and attributes: every change goes through
@@ -61,6 +61,10 @@ pub(crate) struct MirrorFs {
     passthrough: AtomicBool,
     /// Local fsyncs run here, off the FUSE dispatch thread.
     syncers: Syncers,
+    /// Changes of `security.capability` on any file so far (see [`attrs::CAPABILITY`]).
+    capability_changes: AtomicU64,
+    /// Tells the kernel what changed behind its back; set once mounted.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl MirrorFs {
@@ -73,7 +77,14 @@ impl MirrorFs {
             next_handle: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
             syncers: Syncers::new(),
+            capability_changes: AtomicU64::new(0),
+            notifier: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Where the mount's notifier goes once the session exists.
+    pub(crate) fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn inodes(&self) -> std::sync::MutexGuard<'_, Inodes> {
@@ -89,11 +100,15 @@ impl MirrorFs {
     }
 
     fn handle_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
+        self.handle(fh).map(|(fd, _)| fd)
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<(Arc<OwnedFd>, IoMode), Errno> {
         self.handles
             .lock()
             .expect("handle lock")
             .get(&fh.0)
-            .map(|h| h.fd.clone())
+            .map(|h| (h.fd.clone(), h.mode))
             .ok_or(Errno::EBADF)
     }
 
@@ -366,12 +381,13 @@ impl Filesystem for MirrorFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.write_data(ino, fh, offset, data, reply);
+        let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        self.write_data(ino, fh, offset, data, kill_suidgid, reply);
     }
 
     fn flush(
@@ -521,12 +537,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.path(ino).and_then(|p| {
-            self.engine
-                .tree
-                .get_xattr(&p, name.as_bytes())
-                .map_err(errno_of)
-        }) {
+        match self.get_xattr(ino, name.as_bytes()) {
             Ok(value) if size == 0 => reply.size(value.len() as u32),
             Ok(value) if value.len() <= size as usize => reply.data(&value),
             Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
