@@ -114,6 +114,7 @@ async fn in_fsync_mode_an_fsync_makes_everything_before_it_durable_on_second_at_
     pair.wait_synced().await;
 
     const FSYNCS: u32 = 20;
+    let before = pair.prim.as_ref().unwrap().status().acked;
     let path = pair.dir("a").join("log");
     let took = blocking(move || {
         let file = std::fs::File::create(&path).unwrap();
@@ -129,12 +130,15 @@ async fn in_fsync_mode_an_fsync_makes_everything_before_it_durable_on_second_at_
     // Waiting for SECOND's periodic sync would cost about its interval per fsync.
     let periodic = SECOND_SYNC_EVERY * FSYNCS;
     assert!(took < periodic / 2, "{FSYNCS} fsyncs took {took:?}");
+    // The last fsync follows at least the loop's writes and fsyncs in the stream, and
+    // returned only once SECOND held it on disk. (Later frames may not be durable yet.)
     let (prim, second) = (
         pair.prim.as_ref().unwrap().status(),
         pair.second.as_ref().unwrap().status(),
     );
+    let last_fsync_at_least = before + 2 * u64::from(FSYNCS);
     assert!(
-        second.durable >= prim.acked && prim.durable >= prim.acked,
+        prim.durable >= last_fsync_at_least && second.durable >= prim.durable,
         "{prim:?} {second:?}"
     );
     let (a, b) = (pair.dir("a"), pair.dir("b"));

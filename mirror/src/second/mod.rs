@@ -7,8 +7,7 @@
 //! - the applier thread applies them in order to the [`Tree`], answers reintegration
 //!   requests, syncs what it applied (at once in `durable` mode and on an fsync,
 //!   within [`SecondConfig::sync_every`] otherwise) and advances the *durable*
-//!   watermark PRIM clears its
-//!   intents by;
+//!   watermark PRIM clears its intents by;
 //! - the writer task sends `Failed`, answers and coalesced acks, in that order of
 //!   priority, so a `Failed` always precedes the ack that makes its sequence durable
 //!   (the reader's acks repeat the durable mark last sent).

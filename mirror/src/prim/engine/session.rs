@@ -83,14 +83,15 @@ impl Engine {
                 }
             }
         }
-        self.link_changed.notify_all();
-        for done in ready {
-            done(Ok(()));
-        }
+        // The status first: it is never behind what an application was already told.
         self.set_status(|s| {
             s.acked = received;
             s.durable = durable;
         });
+        self.link_changed.notify_all();
+        for done in ready {
+            done(Ok(()));
+        }
     }
 
     pub(crate) fn on_heard(&self, session: u64) {
