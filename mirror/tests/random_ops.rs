@@ -192,10 +192,8 @@ proptest! {
     ) {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         runtime.block_on(async {
-            let mut pair = Pair::new(if durable { AckMode::Durable } else { AckMode::Write });
-            let addr = pair.start_second("b", "127.0.0.1:0").await;
-            pair.start_prim(pair.prim_config("a", addr, 1));
-            pair.wait_synced().await;
+            let pair =
+                Pair::in_step(if durable { AckMode::Durable } else { AckMode::Write }).await;
             let root = pair.dir("a");
             let ops2 = ops.clone();
             blocking(move || ops2.iter().for_each(|op| apply(&root, op))).await;

@@ -10,10 +10,7 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_through_the_mount_reach_second() {
-    let mut pair = Pair::new(AckMode::Write);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
-    pair.start_prim(pair.prim_config("a", addr, 1));
-    pair.wait_synced().await;
+    let pair = Pair::in_step(AckMode::Write).await;
 
     let a = pair.dir("a");
     blocking(move || {
@@ -47,10 +44,7 @@ async fn changes_through_the_mount_reach_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mix_of_open_modes_reads_what_the_others_wrote() {
     use std::os::unix::fs::FileExt;
-    let mut pair = Pair::new(AckMode::Write);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
-    pair.start_prim(pair.prim_config("a", addr, 1));
-    pair.wait_synced().await;
+    let pair = Pair::in_step(AckMode::Write).await;
 
     let path = pair.dir("a").join("f");
     blocking(move || {
@@ -108,10 +102,7 @@ async fn every_mix_of_open_modes_reads_what_the_others_wrote() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_fsync_mode_an_fsync_makes_everything_before_it_durable_on_second_at_once() {
     use std::os::unix::fs::FileExt;
-    let mut pair = Pair::new(AckMode::Fsync);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
-    pair.start_prim(pair.prim_config("a", addr, 1));
-    pair.wait_synced().await;
+    let pair = Pair::in_step(AckMode::Fsync).await;
 
     const FSYNCS: u32 = 20;
     let before = pair.prim.as_ref().unwrap().status().acked;
@@ -152,10 +143,7 @@ async fn in_fsync_mode_an_fsync_makes_everything_before_it_durable_on_second_at_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unprivileged_write_drops_set_id_bits_and_capabilities_on_both_copies() {
     use std::os::unix::process::CommandExt;
-    let mut pair = Pair::new(AckMode::Write);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
-    pair.start_prim(pair.prim_config("a", addr, 1));
-    pair.wait_synced().await;
+    let pair = Pair::in_step(AckMode::Write).await;
     // Let the unprivileged writer reach the mount.
     std::fs::set_permissions(pair.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
 
@@ -244,10 +232,7 @@ fn synced_bytes(event: &rampart_mirror::prim::Event) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_second_receives_only_what_changed_while_it_was_away() {
-    let mut pair = Pair::new(AckMode::Write);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
-    pair.start_prim(pair.prim_config("a", addr, 1));
-    pair.wait_synced().await;
+    let mut pair = Pair::in_step(AckMode::Write).await;
     let a = pair.dir("a");
     blocking({
         let a = a.clone();
@@ -262,6 +247,7 @@ async fn a_returning_second_receives_only_what_changed_while_it_was_away() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     // SECOND dies; PRIM goes on alone.
+    let addr = pair.second.as_ref().unwrap().addr();
     drop(pair.second.take());
     let zone = pair.zone_size as usize;
     let changed = blocking({

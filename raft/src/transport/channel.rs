@@ -500,15 +500,23 @@ mod tests {
         assert_eq!(&sealed[..opened], &plain[..]);
     }
 
-    #[tokio::test]
-    async fn a_node_of_another_protocol_version_is_told_so() {
+    /// A server accepting one channel, and a plain TCP connection to it.
+    async fn server_and_raw_client() -> (
+        tokio::task::JoinHandle<Result<SecureChannel, ChannelError>>,
+        TcpStream,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             SecureChannel::accept(stream, &ClusterKey::from_secret(b"k"), TIMEOUT).await
         });
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        (server, TcpStream::connect(addr).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_node_of_another_protocol_version_is_told_so() {
+        let (server, mut stream) = server_and_raw_client().await;
         stream.write_all(b"RAMPART1").await.unwrap();
         stream.write_all(&[0u8; NONCE_LEN]).await.unwrap();
         let refused = server.await.unwrap().unwrap_err();
@@ -520,13 +528,7 @@ mod tests {
 
     #[tokio::test]
     async fn something_that_is_not_rampart_is_refused() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            SecureChannel::accept(stream, &ClusterKey::from_secret(b"k"), TIMEOUT).await
-        });
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let (server, mut stream) = server_and_raw_client().await;
         stream
             .write_all(b"GET / HTTP/1.1\r\n\r\n0123456789012345678901234")
             .await

@@ -196,69 +196,55 @@ mod tests {
         node
     }
 
+    /// The node's (cached, passthrough, direct) opens, the new open's access, whether
+    /// passthrough is available, and the mode the open must get.
+    type Case = ((u32, u32, u32), Access, bool, IoMode);
+
+    fn assert_modes(cases: &[Case]) {
+        for &((cached, passthrough, direct), access, available, expected) in cases {
+            let node = node(cached, passthrough, direct);
+            assert_eq!(
+                mode_for(&node, access, available),
+                expected,
+                "opens {:?} + {access:?}, passthrough available: {available}",
+                (cached, passthrough, direct)
+            );
+        }
+    }
+
     #[test]
     fn write_only_opens_bypass_the_page_cache_unless_cached_opens_exist() {
-        assert_eq!(
-            mode_for(&node(0, 0, 0), Access::WriteOnly, true),
-            IoMode::Direct
-        );
-        assert_eq!(
-            mode_for(&node(0, 0, 2), Access::WriteOnly, true),
-            IoMode::Direct
-        );
-        assert_eq!(
-            mode_for(&node(1, 0, 0), Access::WriteOnly, true),
-            IoMode::Cached
-        );
-        assert_eq!(
-            mode_for(&node(0, 1, 0), Access::WriteOnly, true),
-            IoMode::Passthrough
-        );
+        use {Access::WriteOnly as W, IoMode::*};
+        assert_modes(&[
+            ((0, 0, 0), W, true, Direct),
+            ((0, 0, 2), W, true, Direct),
+            ((1, 0, 0), W, true, Cached),
+            ((0, 1, 0), W, true, Passthrough),
+        ]);
     }
 
     #[test]
     fn read_write_opens_are_cached_unless_they_must_join_another_mode() {
-        assert_eq!(
-            mode_for(&node(0, 0, 0), Access::ReadWrite, true),
-            IoMode::Cached
-        );
-        assert_eq!(
-            mode_for(&node(3, 0, 0), Access::ReadWrite, true),
-            IoMode::Cached
-        );
-        assert_eq!(
-            mode_for(&node(0, 0, 1), Access::ReadWrite, true),
-            IoMode::Direct
-        );
-        assert_eq!(
-            mode_for(&node(0, 1, 1), Access::ReadWrite, true),
-            IoMode::Passthrough
-        );
+        use {Access::ReadWrite as RW, IoMode::*};
+        assert_modes(&[
+            ((0, 0, 0), RW, true, Cached),
+            ((3, 0, 0), RW, true, Cached),
+            ((0, 0, 1), RW, true, Direct),
+            ((0, 1, 1), RW, true, Passthrough),
+        ]);
     }
 
     #[test]
     fn read_only_opens_pass_through_beside_direct_writers() {
-        assert_eq!(
-            mode_for(&node(0, 0, 0), Access::ReadOnly, true),
-            IoMode::Passthrough
-        );
-        assert_eq!(
-            mode_for(&node(0, 0, 1), Access::ReadOnly, true),
-            IoMode::Passthrough
-        );
-        assert_eq!(
-            mode_for(&node(1, 0, 0), Access::ReadOnly, true),
-            IoMode::Cached
-        );
-        // Without passthrough they read uncached beside direct writers.
-        assert_eq!(
-            mode_for(&node(0, 0, 1), Access::ReadOnly, false),
-            IoMode::Direct
-        );
-        assert_eq!(
-            mode_for(&node(0, 0, 0), Access::ReadOnly, false),
-            IoMode::Cached
-        );
+        use {Access::ReadOnly as R, IoMode::*};
+        assert_modes(&[
+            ((0, 0, 0), R, true, Passthrough),
+            ((0, 0, 1), R, true, Passthrough),
+            ((1, 0, 0), R, true, Cached),
+            // Without passthrough they read uncached beside direct writers.
+            ((0, 0, 1), R, false, Direct),
+            ((0, 0, 0), R, false, Cached),
+        ]);
     }
 
     #[test]
