@@ -178,43 +178,22 @@ async fn an_unprivileged_write_drops_set_id_bits_and_capabilities_on_both_copies
 }
 
 pub fn xattr_get(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
-    use std::os::unix::ffi::OsStrExt;
-    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
     let mut value = vec![0u8; 256];
-    let len = unsafe {
-        libc::getxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
-    if len < 0 {
-        assert_eq!(
-            std::io::Error::last_os_error().raw_os_error(),
-            Some(libc::ENODATA)
-        );
-        return None;
+    match rustix::fs::getxattr(path, name, &mut value[..]) {
+        Ok(len) => {
+            value.truncate(len);
+            Some(value)
+        }
+        Err(e) => {
+            assert_eq!(e, rustix::io::Errno::NODATA, "getxattr {name}");
+            None
+        }
     }
-    value.truncate(len as usize);
-    Some(value)
 }
 
 pub fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
-    use std::os::unix::ffi::OsStrExt;
-    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let rc = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+    rustix::fs::setxattr(path, name, value, rustix::fs::XattrFlags::empty())
+        .unwrap_or_else(|e| panic!("setxattr {name}: {e}"));
 }
 
 fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) {

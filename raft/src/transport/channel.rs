@@ -433,24 +433,30 @@ mod tests {
         assert!(server.is_err());
     }
 
-    /// The server's channel and what its reader made of the frames after the first.
-    async fn server_reading_two_frames(
-        listener: TcpListener,
-        key: ClusterKey,
-    ) -> (Vec<u8>, Result<Vec<u8>, ChannelError>) {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut channel = SecureChannel::accept(stream, &key, TIMEOUT).await.unwrap();
-        let first = channel.recv().await.unwrap();
-        (first, channel.recv().await)
+    /// A client connected to a server that reads two frames: what it made of them.
+    async fn client_of_a_server_reading_two_frames() -> (
+        SecureChannel,
+        tokio::task::JoinHandle<(Vec<u8>, Result<Vec<u8>, ChannelError>)>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let key = ClusterKey::from_secret(b"k");
+        let server_key = key.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut channel = SecureChannel::accept(stream, &server_key, TIMEOUT)
+                .await
+                .unwrap();
+            let first = channel.recv().await.unwrap();
+            (first, channel.recv().await)
+        });
+        let client = SecureChannel::connect(&addr, &key, TIMEOUT).await.unwrap();
+        (client, server)
     }
 
     #[tokio::test]
     async fn a_replayed_frame_is_rejected() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let key = ClusterKey::from_secret(b"k");
-        let server = tokio::spawn(server_reading_two_frames(listener, key.clone()));
-        let mut client = SecureChannel::connect(&addr, &key, TIMEOUT).await.unwrap();
+        let (mut client, server) = client_of_a_server_reading_two_frames().await;
         client.send(b"once".to_vec()).await.unwrap();
         // Seal the same frame under the same nonce again: the exact bytes of frame 0,
         // as an attacker replaying them would send.
@@ -463,11 +469,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_altered_frame_is_rejected() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let key = ClusterKey::from_secret(b"k");
-        let server = tokio::spawn(server_reading_two_frames(listener, key.clone()));
-        let mut client = SecureChannel::connect(&addr, &key, TIMEOUT).await.unwrap();
+        let (mut client, server) = client_of_a_server_reading_two_frames().await;
         client.send(b"intact".to_vec()).await.unwrap();
         let mut payload = b"pay 10 euros".to_vec();
         let len = (payload.len() as u32).to_be_bytes();

@@ -18,10 +18,15 @@ use crate::tree::kind_of;
 /// system, so its absence is remembered per inode and the question costs no system
 /// call; each change of it anywhere voids what was remembered everywhere (hard links
 /// are distinct inodes here).
-pub(super) const CAPABILITY: &[u8] = b"security.capability";
+pub(super) const CAPABILITY: &[u8] = CAPABILITY_NAME.to_bytes();
+const CAPABILITY_NAME: &std::ffi::CStr = c"security.capability";
 
 pub(super) fn errno_of(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+pub(super) fn errno_of_rustix(e: rustix::io::Errno) -> Errno {
+    Errno::from_i32(e.raw_os_error())
 }
 
 pub(super) fn file_type(kind: Kind) -> FileType {
@@ -182,9 +187,8 @@ impl MirrorFs {
         fd: &OwnedFd,
         kill_suidgid: bool,
     ) -> Result<(), Errno> {
-        let io = |e: rustix::io::Errno| Errno::from_i32(e.raw_os_error());
         if kill_suidgid {
-            let perm = rustix::fs::fstat(fd).map_err(io)?.st_mode & 0o7777;
+            let perm = rustix::fs::fstat(fd).map_err(errno_of_rustix)?.st_mode & 0o7777;
             let mut kept = perm & !libc::S_ISUID;
             if perm & libc::S_IXGRP != 0 {
                 kept &= !libc::S_ISGID;
@@ -230,18 +234,15 @@ impl MirrorFs {
         op: Op,
         local: impl FnOnce() -> rustix::io::Result<()>,
     ) -> Result<(), Errno> {
-        let io = |e: rustix::io::Errno| Errno::from_i32(e.raw_os_error());
         if self.engine.not_replicated(op.path()) {
-            return local().map_err(io);
+            return local().map_err(errno_of_rustix);
         }
         let change = self
             .engine
             .begin(Touch::path(op.path()))
             .map_err(Errno::from_i32)?;
-        local().map_err(io)?;
+        local().map_err(errno_of_rustix)?;
         change.commit(op, &[]);
         Ok(())
     }
 }
-
-const CAPABILITY_NAME: &std::ffi::CStr = c"security.capability";

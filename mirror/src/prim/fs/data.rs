@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use fuser::{Errno, FileHandle, Generation, INodeNo, ReplyCreate, ReplyEmpty, ReplyWrite, Request};
 use rustix::fs::{Mode, OFlags};
 
-use super::attrs::{attr_of, errno_of};
+use super::attrs::{attr_of, errno_of, errno_of_rustix};
 use super::handles::{admit, Access, Handle, IoMode};
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Ticket, Touch};
@@ -226,10 +226,9 @@ impl MirrorFs {
         let ino = self.inodes().lookup(parent.0, name.as_bytes());
         let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
         let access = Access::of(flags);
-        let attr = Arc::new(Mutex::new(None));
-        let attr_out = attr.clone();
-        let opened = Arc::new(Mutex::new(None));
-        let opened_out = opened.clone();
+        // What the local create made, for the reply: attributes, I/O mode, backing file.
+        let created = Arc::new(Mutex::new(None));
+        let created_out = created.clone();
         let handles = self.handles.clone();
         self.change(
             &path,
@@ -246,7 +245,6 @@ impl MirrorFs {
                 .map_err(io)?;
                 rustix::fs::fchmod(&fd, Mode::from_raw_mode(perm)).map_err(io)?;
                 let stat = rustix::fs::fstat(&fd).map_err(io)?;
-                *attr_out.lock().expect("attr slot") = Some(attr_of(ino, &stat));
                 // Registered before the reply: the kernel uses the handle at once.
                 let (mode, backing) = match self.inodes().nodes.get_mut(&ino) {
                     // A create registers no backing file of its own: it is passthrough
@@ -257,7 +255,8 @@ impl MirrorFs {
                     .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?,
                     None => (IoMode::Cached, None),
                 };
-                *opened_out.lock().expect("open slot") = Some((mode, backing.clone()));
+                *created_out.lock().expect("create slot") =
+                    Some((attr_of(ino, &stat), mode, backing.clone()));
                 self.handles.lock().expect("handle lock").insert(
                     fh,
                     Handle {
@@ -278,12 +277,8 @@ impl MirrorFs {
                     (),
                 ))
             },
-            move |result| match (
-                result,
-                attr.lock().expect("attr slot").take(),
-                opened.lock().expect("open slot").take(),
-            ) {
-                (Ok(()), Some(attr), Some((mode, backing))) => {
+            move |result| match (result, created.lock().expect("create slot").take()) {
+                (Ok(()), Some((attr, mode, backing))) => {
                     let (fh, flags) = (FileHandle(fh), mode.open_flags(access));
                     match backing {
                         Some(backing) => reply.created_passthrough(
@@ -297,7 +292,7 @@ impl MirrorFs {
                         None => reply.created(&TTL, &attr, Generation(0), fh, flags),
                     }
                 }
-                (result, _, _) => {
+                (result, _) => {
                     // No handle for the kernel: forget ours.
                     handles.lock().expect("handle lock").remove(&fh);
                     reply.error(result.err().unwrap_or(Errno::EIO));
@@ -364,7 +359,7 @@ impl MirrorFs {
                 let result = fd.map_or(Ok(()), |fd| rustix::fs::fsync(fd.as_fd()));
                 return match result {
                     Ok(()) => reply.ok(),
-                    Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+                    Err(e) => reply.error(errno_of_rustix(e)),
                 };
             }
         };
@@ -396,7 +391,7 @@ impl MirrorFs {
                 },
             };
             if let Err(e) = local {
-                return reply.error(Errno::from_i32(e.raw_os_error()));
+                return reply.error(errno_of_rustix(e));
             }
             engine.wait(
                 ticket,

@@ -131,6 +131,21 @@ pub(super) struct DirHandle {
 }
 
 impl MirrorFs {
+    /// The descriptor of an open file handle.
+    pub(super) fn handle_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
+        self.handle(fh).map(|(fd, _)| fd)
+    }
+
+    /// The descriptor and I/O mode of an open file handle.
+    pub(super) fn handle(&self, fh: FileHandle) -> Result<(Arc<OwnedFd>, IoMode), Errno> {
+        self.handles
+            .lock()
+            .expect("handle lock")
+            .get(&fh.0)
+            .map(|h| (h.fd.clone(), h.mode))
+            .ok_or(Errno::EBADF)
+    }
+
     pub(super) fn open_file(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = match self.path(ino) {
             Ok(path) => path,

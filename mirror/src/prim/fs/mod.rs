@@ -22,7 +22,7 @@ mod namespace;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,9 +39,9 @@ use fuser::{
 use crate::prim::engine::{Engine, Level, Touch};
 use crate::protocol::{Kind, Op, RelPath};
 use crate::tree::{join, read_at};
-use attrs::{attr_of, errno_of, file_type, set_time};
+use attrs::{attr_of, errno_of, errno_of_rustix, file_type, set_time};
 use data::Syncers;
-use handles::{DirHandle, Handle, IoMode};
+use handles::{DirHandle, Handle};
 use inodes::Inodes;
 
 /// How long the kernel may cache entries and attributes: every change goes through
@@ -97,19 +97,6 @@ impl MirrorFs {
 
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<RelPath, Errno> {
         Ok(join(&self.path(parent)?, name.as_bytes()))
-    }
-
-    fn handle_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
-        self.handle(fh).map(|(fd, _)| fd)
-    }
-
-    fn handle(&self, fh: FileHandle) -> Result<(Arc<OwnedFd>, IoMode), Errno> {
-        self.handles
-            .lock()
-            .expect("handle lock")
-            .get(&fh.0)
-            .map(|h| (h.fd.clone(), h.mode))
-            .ok_or(Errno::EBADF)
     }
 
     /// Applies a change locally with `local`, then streams `op`; `done` runs once the
@@ -213,9 +200,7 @@ impl Filesystem for MirrorFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let stat = match fh.map(|fh| self.handle_fd(fh)) {
-            Some(Ok(fd)) => {
-                rustix::fs::fstat(fd.as_fd()).map_err(|e| Errno::from_i32(e.raw_os_error()))
-            }
+            Some(Ok(fd)) => rustix::fs::fstat(fd.as_fd()).map_err(errno_of_rustix),
             _ => match self.path(ino) {
                 Ok(path) => match self.engine.tree.stat(&path) {
                     Ok(Some(stat)) => Ok(stat),
@@ -511,7 +496,7 @@ impl Filesystem for MirrorFs {
                 s.f_namemax as u32,
                 s.f_frsize as u32,
             ),
-            Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+            Err(e) => reply.error(errno_of_rustix(e)),
         }
     }
 
