@@ -136,39 +136,59 @@ async fn in_fsync_mode_an_fsync_makes_everything_before_it_durable_on_second_at_
     converge(&a, &b, Duration::from_secs(5)).await;
 }
 
-/// As on any file system, a write by a user without CAP_FSETID drops the file's
-/// set-user-ID and set-group-ID bits, and any write drops its capabilities: through a
-/// write-only open (uncached, where the kernel leaves it to us) and a read-write one
-/// (cached, where the kernel asks for it); SECOND's copy follows.
+/// As on any file system, a write, truncation or allocation by a user without CAP_FSETID drops the
+/// file's set-user-ID and set-group-ID bits, a chown drops them for anyone, and each of
+/// these drops the file's capabilities; root's writes keep the set-ID bits. Through
+/// write-only opens (uncached, where the kernel leaves it to us) and read-write ones
+/// (cached); SECOND's copy follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unprivileged_write_drops_set_id_bits_and_capabilities_on_both_copies() {
+async fn writes_truncations_and_chowns_drop_privileges_on_both_copies_as_the_kernel_does() {
     use std::os::unix::process::CommandExt;
     let pair = Pair::in_step(AckMode::Write).await;
     // Let the unprivileged writer reach the mount.
     std::fs::set_permissions(pair.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
 
+    const NOBODY: u32 = 65534;
     let a = pair.dir("a");
     blocking(move || {
         // A valid file capability (version 2, effective, nothing permitted).
         let capability = [1u8, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        for (name, script) in [
-            ("uncached", r#"printf x >> "$0""#),
-            ("cached", r#"exec 3<>"$0" && printf x >&3"#),
+        // (case, writer, what it runs on the file, the mode left)
+        for (name, uid, script, left) in [
+            ("uncached write", NOBODY, r#"printf x >> "$0""#, 0o777),
+            (
+                "cached write",
+                NOBODY,
+                r#"exec 3<>"$0" && printf x >&3"#,
+                0o777,
+            ),
+            ("truncate", NOBODY, r#"truncate -s 2 "$0""#, 0o777),
+            ("open with O_TRUNC", NOBODY, r#": > "$0""#, 0o777),
+            ("fallocate", NOBODY, r#"fallocate -l 8192 "$0""#, 0o777),
+            (
+                "root's cached write",
+                0,
+                r#"exec 3<>"$0" && printf x >&3"#,
+                0o6777,
+            ),
+            ("root's uncached write", 0, r#"printf x >> "$0""#, 0o6777),
+            ("root's truncate", 0, r#"truncate -s 2 "$0""#, 0o6777),
+            ("root's chown", 0, r#"chown 0:0 "$0""#, 0o777),
         ] {
-            let path = a.join(name);
+            let path = a.join(name.replace(' ', "-"));
             std::fs::write(&path, b"program").unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o6777)).unwrap();
             xattr_set(&path, "security.capability", &capability);
             let status = std::process::Command::new("sh")
                 .args(["-c", script])
                 .arg(&path)
-                .uid(65534)
-                .gid(65534)
+                .uid(uid)
+                .gid(uid)
                 .status()
                 .unwrap();
-            assert!(status.success(), "{name}: the unprivileged write failed");
+            assert!(status.success(), "{name}: failed");
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
-            assert_eq!(mode, 0o777, "{name}: mode {mode:o}");
+            assert_eq!(mode, left, "{name}: mode {mode:o}");
             assert_eq!(xattr_get(&path, "security.capability"), None, "{name}");
         }
     })

@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyAttr, ReplyEmpty, TimeOrNow};
+use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyAttr, ReplyEmpty, Request, TimeOrNow};
 
 use super::inodes::Node;
 use super::{MirrorFs, TTL};
@@ -13,11 +13,11 @@ use crate::prim::engine::{Level, Ticket, Touch};
 use crate::protocol::{Kind, Op, RelPath, SetTime, Time};
 use crate::tree::kind_of;
 
-/// The kernel asks for this attribute before every write through its cache, to drop a
-/// file's capabilities as any file system does. All changes go through this file
-/// system, so its absence is remembered per inode and the question costs no system
-/// call; each change of it anywhere voids what was remembered everywhere (hard links
-/// are distinct inodes here).
+/// Every write drops a file's capabilities, as on any file system; the kernel asks for
+/// this attribute after each refresh of an inode's attributes, and [`MirrorFs::drop_privileges`]
+/// before each write. All changes go through this file system, so its absence is
+/// remembered per inode and the question costs no system call; each change of it
+/// anywhere voids what was remembered everywhere (hard links are distinct inodes here).
 pub(super) const CAPABILITY: &[u8] = CAPABILITY_NAME.to_bytes();
 const CAPABILITY_NAME: &std::ffi::CStr = c"security.capability";
 
@@ -176,10 +176,11 @@ impl MirrorFs {
         value
     }
 
-    /// Before a write that bypasses the kernel's cache, what the kernel does for cached
-    /// writes: drop set-user-ID (and group-executable set-group-ID) when the writer
-    /// lacks CAP_FSETID (`kill_suidgid`), and the file's capabilities. Each is a change
-    /// of its own; the write's acknowledgement, later in the stream, covers them.
+    /// Before every write (the kernel leaves it to us, FUSE_HANDLE_KILLPRIV_V2): drop
+    /// set-user-ID (and group-executable set-group-ID) when the writer lacks CAP_FSETID
+    /// (`kill_suidgid`, the kernel's FUSE_WRITE_KILL_SUIDGID), and the file's
+    /// capabilities. Each is a change of its own; the write's acknowledgement, later in
+    /// the stream, covers them.
     pub(super) fn drop_privileges(
         &self,
         ino: INodeNo,
@@ -189,21 +190,10 @@ impl MirrorFs {
     ) -> Result<(), Errno> {
         if kill_suidgid {
             let perm = rustix::fs::fstat(fd).map_err(errno_of_rustix)?.st_mode & 0o7777;
-            let mut kept = perm & !libc::S_ISUID;
-            if perm & libc::S_IXGRP != 0 {
-                kept &= !libc::S_ISGID;
-            }
+            let kept = without_set_id(perm);
             if kept != perm {
-                let op = Op::SetAttr {
-                    path: path.to_vec(),
-                    perm: Some(kept),
-                    uid: None,
-                    gid: None,
-                    atime: None,
-                    mtime: None,
-                };
                 let mode = rustix::fs::Mode::from_raw_mode(kept);
-                self.unanswered_change(op, || rustix::fs::fchmod(fd, mode))?;
+                self.unanswered_change(only_perm(path, kept), || rustix::fs::fchmod(fd, mode))?;
                 self.invalidate_attributes(ino);
             }
         }
@@ -216,6 +206,33 @@ impl MirrorFs {
             self.capability_changes.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// Before a truncation or an allocation: drop set-user-ID (and group-executable
+    /// set-group-ID) when the caller lacks CAP_FSETID. The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2)
+    /// and says so with FATTR_KILL_SUIDGID, which fuser does not pass on: the caller's
+    /// capabilities are read instead, only for the rare file that has such a bit.
+    pub(super) fn drop_set_id_unless_privileged(
+        &self,
+        req: &Request,
+        path: &[u8],
+    ) -> Result<(), Errno> {
+        let perm = match self.engine.tree.stat(path) {
+            Ok(Some(stat)) => stat.st_mode & 0o7777,
+            Ok(None) => return Err(Errno::ENOENT),
+            Err(e) => return Err(errno_of(e)),
+        };
+        let kept = without_set_id(perm);
+        if kept == perm || may_keep_set_id(req.pid()) {
+            return Ok(());
+        }
+        let op = only_perm(path, kept);
+        let tree = &self.engine.tree;
+        self.unanswered_change(op.clone(), || {
+            tree.apply(&op, &[]).map_err(|e| {
+                rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
+            })
+        })
     }
 
     /// The kernel drops its cached attributes of `ino` (changed behind its back).
@@ -244,5 +261,78 @@ impl MirrorFs {
         local().map_err(errno_of_rustix)?;
         change.commit(op, &[]);
         Ok(())
+    }
+}
+
+/// `perm` without what a write or truncation by an unprivileged caller drops: set-user-ID,
+/// and set-group-ID when the group may execute (without it, the bit marks mandatory
+/// locking, not privilege).
+fn without_set_id(perm: u32) -> u32 {
+    let mut kept = perm & !libc::S_ISUID;
+    if perm & libc::S_IXGRP != 0 {
+        kept &= !libc::S_ISGID;
+    }
+    kept
+}
+
+fn only_perm(path: &[u8], perm: u32) -> Op {
+    Op::SetAttr {
+        path: path.to_vec(),
+        perm: Some(perm),
+        uid: None,
+        gid: None,
+        atime: None,
+        mtime: None,
+    }
+}
+
+/// Whether the calling thread holds CAP_FSETID, from /proc (capabilities are per
+/// thread; a FUSE request names the calling thread, which waits for the answer, so the
+/// id cannot be reused meanwhile). When it cannot be told, no: the bits are dropped.
+fn may_keep_set_id(tid: u32) -> bool {
+    const CAP_FSETID: u32 = 4;
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|effective| effective & (1 << CAP_FSETID) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unprivileged_change_drops_set_user_id_and_set_group_id_only_with_group_execute() {
+        for (perm, kept) in [
+            (0o6777, 0o0777),
+            (0o4755, 0o0755),
+            (0o2775, 0o0775),
+            // Set-group-ID without group execute marks mandatory locking: kept.
+            (0o2764, 0o2764),
+            (0o6764, 0o2764),
+            (0o0644, 0o0644),
+        ] {
+            assert_eq!(without_set_id(perm), kept, "{perm:o}");
+        }
+    }
+
+    #[test]
+    fn the_callers_capability_is_read_from_its_thread_and_denied_when_unknown() {
+        // "<pid>/task/<tid>"; the tests run as root, with every capability.
+        let me: u32 = std::fs::read_link("/proc/thread-self")
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(may_keep_set_id(me));
+        // No such thread (beyond the kernel's pid limit): the bits are dropped.
+        assert!(!may_keep_set_id(u32::MAX));
     }
 }

@@ -103,8 +103,8 @@ impl MirrorFs {
         kill_suidgid: bool,
         reply: ReplyWrite,
     ) {
-        let (fd, mode) = match self.handle(fh) {
-            Ok(handle) => handle,
+        let fd = match self.handle_fd(fh) {
+            Ok(fd) => fd,
             Err(e) => return reply.error(e),
         };
         let len = data.len() as u32;
@@ -121,10 +121,8 @@ impl MirrorFs {
             data.len() as u64,
             self.engine.config.zone_size,
         );
-        if mode != IoMode::Cached {
-            if let Err(e) = self.drop_privileges(ino, &path, &fd, kill_suidgid) {
-                return reply.error(e);
-            }
+        if let Err(e) = self.drop_privileges(ino, &path, &fd, kill_suidgid) {
+            return reply.error(e);
         }
         if self.engine.not_replicated(&path) {
             return match write_all_at(fd.as_fd(), data, offset) {

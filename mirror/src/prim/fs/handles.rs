@@ -133,16 +133,11 @@ pub(super) struct DirHandle {
 impl MirrorFs {
     /// The descriptor of an open file handle.
     pub(super) fn handle_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
-        self.handle(fh).map(|(fd, _)| fd)
-    }
-
-    /// The descriptor and I/O mode of an open file handle.
-    pub(super) fn handle(&self, fh: FileHandle) -> Result<(Arc<OwnedFd>, IoMode), Errno> {
         self.handles
             .lock()
             .expect("handle lock")
             .get(&fh.0)
-            .map(|h| (h.fd.clone(), h.mode))
+            .map(|h| h.fd.clone())
             .ok_or(Errno::EBADF)
     }
 
