@@ -5,10 +5,12 @@
 //! - [`tree`]: a directory tree reached through a descriptor opened before mounting.
 //! - [`second`]: SECOND's receiver and applier, behind a read-only bind mount.
 //! - [`prim`]: PRIM's FUSE interception, replication engine and reintegration.
+//! - `io_thread`: each role's network I/O on a runtime thread of its own.
 //!
 //! Bookkeeping (intents, dirty zones, journal, sync point) lives in
 //! [`rampart_storage::ReplicationBook`].
 
+mod io_thread;
 pub mod prim;
 pub mod protocol;
 pub mod second;

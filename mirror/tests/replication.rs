@@ -270,7 +270,7 @@ async fn a_returning_second_receives_only_what_changed_while_it_was_away() {
     .await;
 
     // SECOND returns on the same address.
-    pair.start_second("b", &addr.to_string()).await;
+    pair.start_second("b", &addr.to_string());
     let event = pair.wait_synced().await;
     // Exactly the changed zones: each once, none of the others.
     assert_eq!(synced_bytes(&event), changed, "bytes sent");
@@ -296,7 +296,7 @@ async fn a_full_sync_of_mostly_equal_trees_sends_only_differing_zones() {
     write_at(&pair.dir("a").join("f9"), 0, &[1u8; 100]);
     std::fs::write(pair.dir("b").join("extra"), b"only on SECOND").unwrap();
     std::fs::write(pair.dir("a").join("missing"), vec![3u8; zone / 2]).unwrap();
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    let addr = pair.start_second("b", "127.0.0.1:0");
     pair.start_prim(pair.prim_config("a", addr, 1));
     let sent = synced_bytes(&pair.wait_synced().await);
     assert_eq!(sent, 2 * zone as u64 + (zone / 2) as u64);
@@ -306,7 +306,7 @@ async fn a_full_sync_of_mostly_equal_trees_sends_only_differing_zones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_refuses_a_prim_of_an_older_epoch() {
     let mut pair = Pair::new(AckMode::Write);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    let addr = pair.start_second("b", "127.0.0.1:0");
     pair.second.as_ref().unwrap().fence(5);
     pair.start_prim(pair.prim_config("a", addr, 4));
     let status = pair.prim.as_ref().unwrap().status();
@@ -360,7 +360,7 @@ impl Drop for SmallDisk {
 async fn a_write_that_fails_on_prim_is_taken_back_on_second() {
     let mut disk = SmallDisk::new(AckMode::Write, "a", "1m");
     let pair = &mut disk.pair;
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    let addr = pair.start_second("b", "127.0.0.1:0");
     pair.start_prim(pair.prim_config("a", addr, 1));
     pair.wait_synced().await;
 
@@ -396,7 +396,7 @@ async fn a_write_that_fails_on_prim_is_taken_back_on_second() {
 async fn a_second_whose_disk_filled_converges_once_there_is_room_again() {
     let mut disk = SmallDisk::new(AckMode::Write, "b", "4m");
     let pair = &mut disk.pair;
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    let addr = pair.start_second("b", "127.0.0.1:0");
     pair.start_prim(pair.prim_config("a", addr, 1));
     pair.wait_synced().await;
     let (a, b) = (pair.dir("a"), pair.dir("b"));
@@ -452,7 +452,7 @@ async fn change_while_second_is_away(pair: &mut Pair, files: usize) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reintegration_keeps_to_its_rate_and_reports_progress() {
     let mut pair = Pair::new(AckMode::Write);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    let addr = pair.start_second("b", "127.0.0.1:0");
     let mut config = pair.prim_config("a", addr, 1);
     let rate = 4 << 20;
     config.resync_rate = Some(rate);
@@ -461,7 +461,7 @@ async fn reintegration_keeps_to_its_rate_and_reports_progress() {
     let changed = change_while_second_is_away(&mut pair, 8).await;
 
     // SECOND returns: sample PRIM's progress report until it is in step again.
-    pair.start_second("b", &addr.to_string()).await;
+    pair.start_second("b", &addr.to_string());
     let started = std::time::Instant::now();
     let mut samples = Vec::new();
     let sent = loop {
@@ -501,7 +501,7 @@ async fn reintegration_keeps_to_its_rate_and_reports_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_reintegration_resumes_where_it_stopped() {
     let mut pair = Pair::new(AckMode::Write);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    let addr = pair.start_second("b", "127.0.0.1:0");
     let mut config = pair.prim_config("a", addr, 1);
     config.resync_rate = Some(4 << 20);
     pair.start_prim(config);
@@ -509,7 +509,7 @@ async fn an_interrupted_reintegration_resumes_where_it_stopped() {
     let changed = change_while_second_is_away(&mut pair, 8).await;
 
     // SECOND returns and leaves again once part of the work is durably copied.
-    pair.start_second("b", &addr.to_string()).await;
+    pair.start_second("b", &addr.to_string());
     let started = std::time::Instant::now();
     loop {
         let durable_part = pair
@@ -534,7 +534,7 @@ async fn an_interrupted_reintegration_resumes_where_it_stopped() {
     .await;
 
     // Back again: only what was not copied yet is sent.
-    pair.start_second("b", &addr.to_string()).await;
+    pair.start_second("b", &addr.to_string());
     let sent = synced_bytes(&pair.wait_synced().await);
     assert!(
         sent > 0 && sent <= changed * 3 / 4,
@@ -546,7 +546,7 @@ async fn an_interrupted_reintegration_resumes_where_it_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notreplicated_paths_stay_on_prim() {
     let mut pair = Pair::new(AckMode::Write);
-    let addr = pair.start_second("b", "127.0.0.1:0").await;
+    let addr = pair.start_second("b", "127.0.0.1:0");
     let mut config = pair.prim_config("a", addr, 1);
     config.not_replicated = vec![b"scratch".to_vec()];
     pair.start_prim(config);

@@ -170,7 +170,6 @@ pub async fn run(command: &MirrorCommand) -> anyhow::Result<ExitCode> {
                 },
                 &args.listen,
             )
-            .await
             .context("start SECOND")?;
             second.fence(args.epoch);
             emit(serde_json::json!({"event": "listening", "addr": second.addr().to_string()}));

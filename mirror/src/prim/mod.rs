@@ -132,13 +132,13 @@ pub struct Primary {
     engine: Arc<engine::Engine>,
     session: Option<fuser::BackgroundSession>,
     stop: tokio::sync::watch::Sender<bool>,
-    link_task: tokio::task::JoinHandle<()>,
+    link: crate::io_thread::IoThread,
     dir: PathBuf,
 }
 
 impl Primary {
     /// Opens the real directory, mounts the interception over it and starts streaming
-    /// to the peer (reintegrating it first). Must be called inside a tokio runtime.
+    /// to the peer (reintegrating it first) from a thread of its own.
     pub fn start(
         config: PrimConfig,
     ) -> Result<(Primary, amps::UnboundedReceiver<Event>), MirrorError> {
@@ -163,13 +163,15 @@ impl Primary {
             .map_err(MirrorError::io("mount the interception file system"))?;
         let _ = notifier.set(session.notifier());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let link_task = tokio::spawn(link::run(engine.clone(), stop_rx));
+        let link =
+            crate::io_thread::IoThread::spawn("mirror-link", link::run(engine.clone(), stop_rx))
+                .map_err(MirrorError::io("start the replication link"))?;
         Ok((
             Primary {
                 engine,
                 session: Some(session),
                 stop,
-                link_task,
+                link,
                 dir,
             },
             events,
@@ -201,7 +203,7 @@ impl Primary {
 
     fn shutdown(&mut self) {
         let _ = self.stop.send(true);
-        self.link_task.abort();
+        self.link.stop();
         if let Some(session) = self.session.take() {
             // Detach: a busy mount must not keep the node from stopping.
             if let Err(e) = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH) {

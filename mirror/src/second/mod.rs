@@ -29,6 +29,7 @@ use rampart_storage::{MarkKind, Marks, ReplicationBook};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc as amps, Notify};
 
+use crate::io_thread::IoThread;
 use crate::protocol::{self, Down, Up};
 use crate::tree::Tree;
 use crate::{AckMode, MirrorError};
@@ -92,18 +93,21 @@ struct Shared {
 /// A running SECOND. Dropping it stops it and removes the read-only mount.
 pub struct Secondary {
     shared: Arc<Shared>,
-    listener_task: tokio::task::JoinHandle<()>,
+    listener: IoThread,
     addr: std::net::SocketAddr,
     mounted: bool,
 }
 
 impl Secondary {
     /// Opens the copy and the book, protects the directory and listens on `listen`.
-    pub async fn start(config: SecondConfig, listen: &str) -> Result<Secondary, MirrorError> {
+    pub fn start(config: SecondConfig, listen: &str) -> Result<Secondary, MirrorError> {
         let tree = Tree::open(&config.dir).map_err(MirrorError::io("open the replicated dir"))?;
         let book = ReplicationBook::open(&config.book)?;
-        let listener = TcpListener::bind(listen)
-            .await
+        // Bound here, for the error; registered with the I/O thread's runtime there.
+        let listener =
+            std::net::TcpListener::bind(listen).map_err(MirrorError::io("listen for PRIM"))?;
+        listener
+            .set_nonblocking(true)
             .map_err(MirrorError::io("listen for PRIM"))?;
         let addr = listener
             .local_addr()
@@ -121,10 +125,17 @@ impl Secondary {
             stopping: AtomicBool::new(false),
             applier: Mutex::new(None),
         });
-        let listener_task = tokio::spawn(accept_loop(shared.clone(), listener));
+        let accepting = shared.clone();
+        let listener = IoThread::spawn("mirror-second", async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => accept_loop(accepting, listener).await,
+                Err(e) => tracing::error!("cannot listen for PRIM: {e}"),
+            }
+        })
+        .map_err(MirrorError::io("start the replication listener"))?;
         Ok(Secondary {
             shared,
-            listener_task,
+            listener,
             addr,
             mounted,
         })
@@ -151,7 +162,7 @@ impl Secondary {
 impl Drop for Secondary {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        self.listener_task.abort();
+        self.listener.stop();
         // The applier sees `stopping` within APPLIER_POLL, syncs and returns.
         let applier = self.shared.applier.lock().expect("applier lock").take();
         if let Some(applier) = applier {

@@ -59,13 +59,13 @@ impl Pair {
     /// The usual start: SECOND on "b", PRIM of epoch 1 on "a", the first sync done.
     pub async fn in_step(ack: AckMode) -> Pair {
         let mut pair = Pair::new(ack);
-        let addr = pair.start_second("b", "127.0.0.1:0").await;
+        let addr = pair.start_second("b", "127.0.0.1:0");
         pair.start_prim(pair.prim_config("a", addr, 1));
         pair.wait_synced().await;
         pair
     }
 
-    pub async fn start_second(&mut self, side: &str, listen: &str) -> std::net::SocketAddr {
+    pub fn start_second(&mut self, side: &str, listen: &str) -> std::net::SocketAddr {
         let second = Secondary::start(
             SecondConfig {
                 dir: self.dir(side),
@@ -78,7 +78,6 @@ impl Pair {
             },
             listen,
         )
-        .await
         .unwrap();
         let addr = second.addr();
         self.second = Some(second);
