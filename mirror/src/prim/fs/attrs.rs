@@ -14,10 +14,11 @@ use crate::protocol::{Kind, Op, RelPath, SetTime, Time};
 use crate::tree::kind_of;
 
 /// Every write drops a file's capabilities, as on any file system; the kernel asks for
-/// this attribute after each refresh of an inode's attributes, and [`MirrorFs::drop_privileges`]
-/// before each write. All changes go through this file system, so its absence is
-/// remembered per inode and the question costs no system call; each change of it
-/// anywhere voids what was remembered everywhere (hard links are distinct inodes here).
+/// this attribute after each refresh of an inode's attributes, and
+/// [`MirrorFs::drop_privileges`] before each write. All changes go through this file
+/// system, so its absence is remembered per inode and the question costs no system
+/// call; each change of it anywhere voids what was remembered everywhere (hard links
+/// are distinct inodes here).
 pub(super) const CAPABILITY: &[u8] = CAPABILITY_NAME.to_bytes();
 const CAPABILITY_NAME: &std::ffi::CStr = c"security.capability";
 
@@ -193,7 +194,9 @@ impl MirrorFs {
             let kept = without_set_id(perm);
             if kept != perm {
                 let mode = rustix::fs::Mode::from_raw_mode(kept);
-                self.unanswered_change(only_perm(path, kept), || rustix::fs::fchmod(fd, mode))?;
+                self.unanswered_change(only_perm(path, kept), || {
+                    Ok(rustix::fs::fchmod(fd, mode)?)
+                })?;
                 self.invalidate_attributes(ino);
             }
         }
@@ -202,16 +205,17 @@ impl MirrorFs {
                 path: path.to_vec(),
                 name: CAPABILITY.to_vec(),
             };
-            self.unanswered_change(op, || rustix::fs::fremovexattr(fd, CAPABILITY_NAME))?;
+            self.unanswered_change(op, || Ok(rustix::fs::fremovexattr(fd, CAPABILITY_NAME)?))?;
             self.capability_changes.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
     }
 
     /// Before a truncation or an allocation: drop set-user-ID (and group-executable
-    /// set-group-ID) when the caller lacks CAP_FSETID. The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2)
-    /// and says so with FATTR_KILL_SUIDGID, which fuser does not pass on: the caller's
-    /// capabilities are read instead, only for the rare file that has such a bit.
+    /// set-group-ID) when the caller lacks CAP_FSETID. The kernel leaves this to us
+    /// (FUSE_HANDLE_KILLPRIV_V2) and says so with FATTR_KILL_SUIDGID, which fuser does
+    /// not pass on: the caller's capabilities are read instead, only for the rare file
+    /// that has such a bit.
     pub(super) fn drop_set_id_unless_privileged(
         &self,
         req: &Request,
@@ -227,12 +231,7 @@ impl MirrorFs {
             return Ok(());
         }
         let op = only_perm(path, kept);
-        let tree = &self.engine.tree;
-        self.unanswered_change(op.clone(), || {
-            tree.apply(&op, &[]).map_err(|e| {
-                rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
-            })
-        })
+        self.unanswered_change(op.clone(), || self.engine.tree.apply(&op, &[]))
     }
 
     /// The kernel drops its cached attributes of `ino` (changed behind its back).
@@ -249,24 +248,24 @@ impl MirrorFs {
     fn unanswered_change(
         &self,
         op: Op,
-        local: impl FnOnce() -> rustix::io::Result<()>,
+        local: impl FnOnce() -> std::io::Result<()>,
     ) -> Result<(), Errno> {
         if self.engine.not_replicated(op.path()) {
-            return local().map_err(errno_of_rustix);
+            return local().map_err(errno_of);
         }
         let change = self
             .engine
             .begin(Touch::path(op.path()))
             .map_err(Errno::from_i32)?;
-        local().map_err(errno_of_rustix)?;
+        local().map_err(errno_of)?;
         change.commit(op, &[]);
         Ok(())
     }
 }
 
-/// `perm` without what a write or truncation by an unprivileged caller drops: set-user-ID,
-/// and set-group-ID when the group may execute (without it, the bit marks mandatory
-/// locking, not privilege).
+/// `perm` without what a write or truncation by an unprivileged caller drops:
+/// set-user-ID, and set-group-ID when the group may execute (without it, the bit marks
+/// mandatory locking, not privilege).
 fn without_set_id(perm: u32) -> u32 {
     let mut kept = perm & !libc::S_ISUID;
     if perm & libc::S_IXGRP != 0 {
