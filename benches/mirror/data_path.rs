@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,35 @@ fn sync_latencies(dirs: &[PathBuf], ops: usize, seed: u64) -> Vec<Duration> {
     latencies
 }
 
+/// The median round trip of one byte to an echoing thread over a socket pair, each
+/// `gap` after the last, spent busy here: so the echo wakes on the other CPU, idle for
+/// `gap`. What a hop between threads costs on this machine: a replicated write +
+/// fdatasync makes about six more than a native one (application to FUSE, to the link,
+/// to SECOND, its ack back, to the application; to FUSE, to a sync thread, back).
+fn wake_round_trip(gap: Duration, count: usize) -> f64 {
+    let (mut here, mut there) = UnixStream::pair().expect("socket pair");
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while there.read_exact(&mut byte).is_ok() && there.write_all(&byte).is_ok() {}
+    });
+    let mut times = Vec::with_capacity(count);
+    let mut byte = [0u8; 1];
+    for _ in 0..count {
+        let busy = Instant::now();
+        while busy.elapsed() < gap {
+            std::hint::spin_loop();
+        }
+        let started = Instant::now();
+        here.write_all(&byte).expect("wake the echo");
+        here.read_exact(&mut byte).expect("echo");
+        times.push(started.elapsed());
+    }
+    drop(here);
+    echo.join().expect("echo thread");
+    times.sort();
+    percentile(&times, 0.5).as_secs_f64() * 1e6
+}
+
 struct Figures {
     write: Vec<f64>,
     read: Vec<f64>,
@@ -118,6 +148,8 @@ pub fn run(plan: &Plan) {
         })
         .collect();
     let block = pattern(MIB, 7);
+    // Round trips to another thread (µs): back to back, and to a CPU idle for 1 ms.
+    let (mut wake_hot, mut wake_idle) = (Vec::new(), Vec::new());
     for round in 0..plan.rounds {
         // Alternate the order too, so no target always follows the same neighbour.
         let order: Vec<usize> = if round % 2 == 0 {
@@ -148,6 +180,8 @@ pub fn run(plan: &Plan) {
                 .p99
                 .push(percentile(&latencies, 0.99).as_secs_f64() * 1e6);
         }
+        wake_hot.push(wake_round_trip(Duration::ZERO, 2000));
+        wake_idle.push(wake_round_trip(Duration::from_millis(1), 1000));
         println!("round {} of {} done", round + 1, plan.rounds);
     }
     let find = |name: &str| targets.iter().position(|t| t.name == name).unwrap();
@@ -219,6 +253,13 @@ pub fn run(plan: &Plan) {
     println!(
         "  rampart-durable p50 - native p50 = {:.0} µs",
         p50(durable) - p50(native)
+    );
+    println!(
+        "  this machine: a hop to a thread and back takes {:.0} µs back to back, {:.0} µs to a CPU idle for 1 ms (median; every run {} / {})",
+        median(&wake_hot),
+        median(&wake_idle),
+        runs(&wake_hot),
+        runs(&wake_idle)
     );
     drop(targets);
 }

@@ -11,7 +11,8 @@
 //!
 //! Workloads: sequential 1 MiB writes of a 1 GiB file then fsync; a sequential read of
 //! that file after dropping the page cache; 4 KiB random writes each followed by
-//! fdatasync (p50, p99); reintegration of a 100,000-file tree after 1 % of it changed,
+//! fdatasync (p50, p99), beside what waking a thread costs on this machine (each
+//! replication hop is one); reintegration of a 100,000-file tree after 1 % of it changed,
 //! against rsync of the same trees and a plain copy of the changed files.
 //!
 //! Run as root: `cargo bench --bench mirror` (`-- --quick` for a short run).
