@@ -13,7 +13,8 @@
 //! that file after dropping the page cache; 4 KiB random writes each followed by
 //! fdatasync (p50, p99), beside what waking a thread costs on this machine (each
 //! replication hop is one); reintegration of a 100,000-file tree after 1 % of it changed,
-//! against rsync of the same trees and a plain copy of the changed files.
+//! against rsync of the same trees and a plain copy of the changed files over the
+//! replica's old versions.
 //!
 //! Run as root: `cargo bench --bench mirror` (`-- --quick` for a short run).
 //! The baselines need glusterfs-server, bindfs and rsync (`./dev bench` installs them).
