@@ -17,7 +17,7 @@ use super::attrs::{attr_of, errno_of, errno_of_rustix};
 use super::handles::{admit, Access, Handle, IoMode};
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Ticket, Touch};
-use crate::protocol::Op;
+use crate::protocol::{Op, RelPath};
 use crate::tree::{join, write_all_at};
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -301,16 +301,16 @@ impl MirrorFs {
 
     pub(super) fn allocate(
         &self,
-        ino: INodeNo,
+        path: RelPath,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let (fd, path) = match (self.handle_fd(fh), self.path(ino)) {
-            (Ok(fd), Ok(path)) => (fd, path),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        let fd = match self.handle_fd(fh) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
         };
         let touch =
             Touch::path(&path).and_range(&path, offset, length, self.engine.config.zone_size);

@@ -588,12 +588,13 @@ impl Filesystem for MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let dropped = self
-            .path(ino)
-            .and_then(|path| self.drop_set_id_unless_privileged(req, &path));
-        if let Err(e) = dropped {
-            return reply.error(e);
+        let path = self.path(ino).and_then(|path| {
+            self.drop_set_id_unless_privileged(req, &path)
+                .map(|()| path)
+        });
+        match path {
+            Ok(path) => self.allocate(path, fh, offset, length, mode, reply),
+            Err(e) => reply.error(e),
         }
-        self.allocate(ino, fh, offset, length, mode, reply);
     }
 }
