@@ -6,18 +6,9 @@ use std::time::{Duration, Instant};
 
 use rampart_storage::{book, MarkKind, Marks};
 
+use super::ahead::{self, window_at, Epochs, Run};
 use super::{Engine, Phase, Touch};
 use crate::protocol::RelPath;
-
-/// Zones marked ahead of a write into an unmarked zone: as many as are marked just
-/// before it, within these bounds. A sequential writer thus doubles its window each
-/// time it reaches the end (16, 32, … 256 zones): a 1 GiB file at the default zone size
-/// costs 8 synced bookkeeping writes instead of 64, and each of those can take tens
-/// of milliseconds on a disk busy with the data itself. Zones marked ahead and never
-/// written cost nothing at link loss (they are dropped); after a crash they are sent
-/// again, which is cheap past the end of the file.
-const MARK_AHEAD_ZONES: u64 = 16;
-const MARK_AHEAD_MAX_ZONES: u64 = 256;
 
 /// Settled intents touched more recently than this stay recorded: a zone written again
 /// soon does not pay a synced bookkeeping write each time (DRBD's activity log keeps
@@ -60,34 +51,25 @@ pub(super) struct Order {
     /// send of them settling must not clear them (the `Failed` arrives before the ack
     /// that makes its sequence durable).
     pub(super) failed: Marks,
-}
-
-/// How many zones to mark from the unmarked `zone` of `path` on (see
-/// [`MARK_AHEAD_ZONES`]).
-fn mark_ahead(order: &Order, path: &[u8], zone: u64) -> u64 {
-    let mut key = (path.to_vec(), zone);
-    let mut behind = 0;
-    while behind < MARK_AHEAD_MAX_ZONES && key.1 > 0 {
-        key.1 -= 1;
-        if !order.intent_zones.contains_key(&key) {
-            break;
-        }
-        behind += 1;
-    }
-    behind.clamp(MARK_AHEAD_ZONES, MARK_AHEAD_MAX_ZONES)
+    /// Each sequentially written file's last window of intents.
+    pub(super) ahead: HashMap<RelPath, Run>,
+    pub(super) epochs: Epochs,
 }
 
 impl Engine {
     pub(super) fn record_intents(&self, order: &mut Order, touch: &Touch) -> Result<(), i32> {
         let mut new = Marks::default();
+        let mut windows = Vec::new();
         for (path, zones) in &touch.marks.zones {
             for zone in zones {
                 if !order.intent_zones.contains_key(&(path.clone(), *zone)) {
-                    for ahead in *zone..*zone + mark_ahead(order, path, *zone) {
+                    let window = window_at(order, path, *zone);
+                    for ahead in *zone..*zone + window {
                         if !order.intent_zones.contains_key(&(path.clone(), ahead)) {
                             new.add_zone(path, ahead);
                         }
                     }
+                    windows.push((path, *zone..*zone + window));
                 }
             }
         }
@@ -96,26 +78,33 @@ impl Engine {
                 new.add_path(path);
             }
         }
-        if new.is_empty() {
-            return Ok(());
-        }
-        self.book.add(MarkKind::Intent, &new).map_err(|e| {
-            tracing::error!("cannot record replication intents: {e}");
-            libc::EIO
-        })?;
-        let mark = Intent {
-            marked: order.last_seq,
-            written: None,
-            touched: Instant::now(),
-        };
-        for (path, zones) in new.zones {
-            for zone in zones {
-                order.intent_zones.insert((path.clone(), zone), mark);
+        if !new.is_empty() {
+            self.book.add(MarkKind::Intent, &new).map_err(|e| {
+                tracing::error!("cannot record replication intents: {e}");
+                libc::EIO
+            })?;
+            let mark = Intent {
+                marked: order.last_seq,
+                written: None,
+                touched: Instant::now(),
+            };
+            for (path, zones) in new.zones {
+                for zone in zones {
+                    order.intent_zones.insert((path.clone(), zone), mark);
+                }
+            }
+            for path in new.paths {
+                order.intent_paths.insert(path, mark);
+            }
+            for (path, zones) in windows {
+                let run = order.ahead.entry(path.clone()).or_default();
+                if zones.end > run.end {
+                    run.end = zones.end;
+                    run.window = zones.end - zones.start;
+                }
             }
         }
-        for path in new.paths {
-            order.intent_paths.insert(path, mark);
-        }
+        self.marker.after_change(order, &touch.marks);
         Ok(())
     }
 
@@ -148,6 +137,8 @@ impl Engine {
     /// Written intents the peer does not durably hold become dirty; the others (settled,
     /// or marked ahead and never written) are dropped.
     pub(super) fn intents_to_dirty(&self, order: &mut Order, durable: u64) {
+        order.ahead.clear();
+        order.epochs.dropped += 1;
         let mut unsettled = Marks::default();
         for ((path, zone), intent) in order.intent_zones.drain() {
             if intent.unsettled_write(durable) {
@@ -185,19 +176,30 @@ impl Engine {
             link.durable
         };
         let mut settled = Marks::default();
-        order.intent_zones.retain(|(path, zone), intent| {
-            let settle = intent.settled(durable);
+        let Order {
+            intent_zones,
+            intent_paths,
+            ahead,
+            ..
+        } = &mut *order;
+        intent_zones.retain(|(path, zone), intent| {
+            let settle = intent.settled(durable) && !ahead::recording(ahead, path, *zone);
             if settle {
                 settled.add_zone(path, *zone);
             }
             !settle
         });
-        order.intent_paths.retain(|path, intent| {
+        intent_paths.retain(|path, intent| {
             let settle = intent.settled(durable);
             if settle {
                 settled.add_path(path);
             }
             !settle
+        });
+        // A file's run is forgotten once its last window has settled.
+        ahead.retain(|path, run| {
+            run.recording.is_some()
+                || intent_zones.contains_key(&(path.clone(), run.end.saturating_sub(1)))
         });
         if let Err(e) = self.book.clear(MarkKind::Intent, &settled) {
             tracing::warn!("cannot clear settled intents: {e}");
@@ -228,6 +230,10 @@ impl Engine {
 
 pub(super) fn rename_in(order: &mut Order, from: &[u8], to: &[u8]) {
     let moved = |path: &[u8]| book::is_within(path, from).then(|| book::reroot(path, from, to));
+    order.epochs.renamed += 1;
+    order
+        .ahead
+        .retain(|path, _| !book::is_within(path, from) && !book::is_within(path, to));
     order.intent_zones = std::mem::take(&mut order.intent_zones)
         .into_iter()
         .map(|((path, zone), seq)| ((moved(&path).unwrap_or(path), zone), seq))
@@ -255,14 +261,14 @@ pub(super) fn rename_in(order: &mut Order, from: &[u8], to: &[u8]) {
 mod tests {
     use super::*;
 
-    /// Marks what `mark_ahead` asks for at the first unmarked zone a writer reaches, as
+    /// Marks what `window_at` asks for at the first unmarked zone a writer reaches, as
     /// `record_intents` does; returns how many bookkeeping writes that took.
     fn write_zones(order: &mut Order, path: &[u8], zones: impl Iterator<Item = u64>) -> usize {
         let mut book_writes = 0;
         for zone in zones {
             if !order.intent_zones.contains_key(&(path.to_vec(), zone)) {
                 book_writes += 1;
-                for ahead in zone..zone + mark_ahead(order, path, zone) {
+                for ahead in zone..zone + window_at(order, path, zone) {
                     let intent = Intent {
                         marked: 0,
                         written: None,
@@ -287,9 +293,9 @@ mod tests {
     fn a_write_away_from_marked_zones_marks_the_smallest_window() {
         let mut order = Order::default();
         write_zones(&mut order, b"f", 0..64);
-        assert_eq!(mark_ahead(&order, b"f", 500), MARK_AHEAD_ZONES);
-        assert_eq!(mark_ahead(&order, b"other", 64), MARK_AHEAD_ZONES);
+        assert_eq!(window_at(&order, b"f", 500), ahead::MARK_AHEAD_ZONES);
+        assert_eq!(window_at(&order, b"other", 64), ahead::MARK_AHEAD_ZONES);
         // Right after the marked run, the window is as long as the run.
-        assert_eq!(mark_ahead(&order, b"f", 64), 64);
+        assert_eq!(window_at(&order, b"f", 64), 64);
     }
 }

@@ -15,14 +15,16 @@
 //! Parts:
 //! - [`change`]: one change in progress (marks, sequence, frame).
 //! - [`marks`]: the bookkeeping cache (intents, dirty set) under the order lock.
+//! - [`ahead`]: intents recorded ahead of sequential writers, on a thread of their own.
 //! - [`session`]: what the link and the reintegration copier call.
 
+mod ahead;
 mod change;
 mod marks;
 mod session;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use rampart_storage::{book, MarkKind, ReplicationBook};
@@ -93,9 +95,10 @@ struct Link {
 
 pub struct Engine {
     pub tree: Tree,
-    pub book: ReplicationBook,
+    pub book: Arc<ReplicationBook>,
     pub config: PrimConfig,
-    order: Mutex<Order>,
+    order: Arc<Mutex<Order>>,
+    marker: ahead::Marker,
     link: Mutex<Link>,
     link_changed: Condvar,
     /// Signalled when SECOND failed to apply a change: the link runs the copier again.
@@ -114,14 +117,17 @@ impl Engine {
         // Intents of an earlier run as PRIM were never acknowledged as far as we know.
         book.intents_to_dirty()?;
         let dirty = book.marks(MarkKind::Dirty)?;
+        let book = Arc::new(book);
+        let order = Arc::new(Mutex::new(Order {
+            dirty,
+            ..Order::default()
+        }));
         Ok(Engine {
+            marker: ahead::Marker::start(book.clone(), order.clone()),
             tree,
             book,
             config,
-            order: Mutex::new(Order {
-                dirty,
-                ..Order::default()
-            }),
+            order,
             link: Mutex::new(Link {
                 phase: Phase::Stalled,
                 frames: None,
@@ -354,7 +360,7 @@ mod tests {
     use crate::protocol::Op;
 
     /// An engine over scratch directories, not connected (phase Stalled).
-    fn engine(dir: &tempfile::TempDir) -> Engine {
+    pub(super) fn engine(dir: &tempfile::TempDir) -> Engine {
         let (tree_dir, book_dir) = (dir.path().join("tree"), dir.path().join("book"));
         std::fs::create_dir_all(&tree_dir).unwrap();
         let config = PrimConfig::new(
