@@ -9,9 +9,11 @@
 //!
 //! - [`apply`]: operations and `ensure` (make an entry match the peer's).
 //! - [`scan`]: listings, entries, zones and their hashes.
+//! - [`write_behind`]: starting the writeback of what a descriptor wrote.
 
 mod apply;
 mod scan;
+mod write_behind;
 
 use std::ffi::OsStr;
 use std::io;
@@ -22,6 +24,8 @@ use std::path::Path;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec};
 
 use crate::protocol::{Kind, Meta, RelPath, SetTime, Time};
+
+pub use write_behind::WriteBehind;
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)

@@ -1,7 +1,7 @@
 //! Attributes: conversions between the real tree's stat and FUSE's, setattr and the
 //! extended attribute changes.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -186,7 +186,7 @@ impl MirrorFs {
         &self,
         ino: INodeNo,
         path: &[u8],
-        fd: &OwnedFd,
+        fd: BorrowedFd<'_>,
         kill_suidgid: bool,
     ) -> Result<(), Errno> {
         if kill_suidgid {

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,7 +14,7 @@ use fuser::{Errno, FileHandle, Generation, INodeNo, ReplyCreate, ReplyEmpty, Rep
 use rustix::fs::{Mode, OFlags};
 
 use super::attrs::{attr_of, errno_of, errno_of_rustix};
-use super::handles::{admit, Access, Handle, IoMode};
+use super::handles::{admit, Access, Handle, IoMode, OpenFile};
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Ticket, Touch};
 use crate::protocol::{Op, RelPath};
@@ -103,14 +103,19 @@ impl MirrorFs {
         kill_suidgid: bool,
         reply: ReplyWrite,
     ) {
-        let fd = match self.handle_fd(fh) {
-            Ok(fd) => fd,
+        let file = match self.handle_file(fh) {
+            Ok(file) => file,
             Err(e) => return reply.error(e),
         };
         let len = data.len() as u32;
+        let local_write = || -> std::io::Result<()> {
+            write_all_at(file.as_fd(), data, offset)?;
+            self.write_behind(&file, offset, data.len() as u64);
+            Ok(())
+        };
         let Ok(path) = self.path(ino) else {
             // Unlinked: no name on SECOND either; the bytes are unreachable once closed.
-            return match write_all_at(fd.as_fd(), data, offset) {
+            return match local_write() {
                 Ok(()) => reply.written(len),
                 Err(e) => reply.error(errno_of(e)),
             };
@@ -121,11 +126,11 @@ impl MirrorFs {
             data.len() as u64,
             self.engine.config.zone_size,
         );
-        if let Err(e) = self.drop_privileges(ino, &path, &fd, kill_suidgid) {
+        if let Err(e) = self.drop_privileges(ino, &path, file.as_fd(), kill_suidgid) {
             return reply.error(e);
         }
         if self.engine.not_replicated(&path) {
-            return match write_all_at(fd.as_fd(), data, offset) {
+            return match local_write() {
                 Ok(()) => reply.written(len),
                 Err(e) => reply.error(errno_of(e)),
             };
@@ -135,7 +140,7 @@ impl MirrorFs {
             Err(errno) => return reply.error(Errno::from_i32(errno)),
         };
         let op = Op::Write { path, offset };
-        match change.write_ahead(op, data, || write_all_at(fd.as_fd(), data, offset)) {
+        match change.write_ahead(op, data, local_write) {
             Ok(ticket) => match self.engine.write_level() {
                 None => reply.written(len),
                 Some(level) => self.engine.wait(
@@ -151,6 +156,17 @@ impl MirrorFs {
         }
     }
 
+    /// After a local write: once enough has gathered, a sync thread starts its
+    /// writeback, so that the disk works while the application writes instead of all
+    /// at its fsync (see [`crate::tree::WriteBehind`]).
+    fn write_behind(&self, file: &Arc<OpenFile>, offset: u64, len: u64) {
+        if let Some(span) = file.write_behind.wrote(offset, len) {
+            let file = file.clone();
+            self.syncers
+                .run(move || file.write_behind.start(file.as_fd(), span));
+        }
+    }
+
     /// Truncates `path` (through the open handle when there is one) as a change of its
     /// own; setattr sends the other attributes after it.
     pub(super) fn truncate(
@@ -159,7 +175,7 @@ impl MirrorFs {
         fh: Option<FileHandle>,
         size: u64,
     ) -> Result<(), Errno> {
-        let fd = fh.and_then(|fh| self.handle_fd(fh).ok());
+        let fd = fh.and_then(|fh| self.handle_file(fh).ok());
         let engine = self.engine.clone();
         let op_path = path.to_vec();
         let touch = Touch::path(path).and_range(path, size, 1, engine.config.zone_size);
@@ -258,7 +274,7 @@ impl MirrorFs {
                 self.handles.lock().expect("handle lock").insert(
                     fh,
                     Handle {
-                        fd: Arc::new(fd),
+                        file: OpenFile::new(fd),
                         ino,
                         mode,
                         _backing: backing,
@@ -308,7 +324,7 @@ impl MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let fd = match self.handle_fd(fh) {
+        let fd = match self.handle_file(fh) {
             Ok(fd) => fd,
             Err(e) => return reply.error(e),
         };
@@ -346,7 +362,7 @@ impl MirrorFs {
     pub(super) fn sync(
         &self,
         ino: INodeNo,
-        fd: Option<Arc<OwnedFd>>,
+        fd: Option<Arc<OpenFile>>,
         datasync: bool,
         reply: ReplyEmpty,
     ) {

@@ -6,7 +6,7 @@
 //! whose cached pages older kernels (5.x's `fuse_direct_io`) leave stale under a
 //! direct write. [`mode_for`] decides.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -17,6 +17,7 @@ use super::attrs::errno_of;
 use super::inodes::Node;
 use super::MirrorFs;
 use crate::protocol::Kind;
+use crate::tree::WriteBehind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum IoMode {
@@ -118,11 +119,33 @@ pub(super) fn admit(
 }
 
 pub(super) struct Handle {
-    pub(super) fd: Arc<OwnedFd>,
+    pub(super) file: Arc<OpenFile>,
     pub(super) ino: u64,
     pub(super) mode: IoMode,
     /// Keeps the kernel's backing file registered while this handle is open.
     pub(super) _backing: Option<Arc<BackingId>>,
+}
+
+/// The real file behind an open handle.
+pub(super) struct OpenFile {
+    fd: OwnedFd,
+    /// What writes through this handle left for the kernel to write back.
+    pub(super) write_behind: WriteBehind,
+}
+
+impl OpenFile {
+    pub(super) fn new(fd: OwnedFd) -> Arc<OpenFile> {
+        Arc::new(OpenFile {
+            fd,
+            write_behind: WriteBehind::default(),
+        })
+    }
+}
+
+impl AsFd for OpenFile {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 /// A directory's entries as read at opendir: (name, kind, inode number on disk).
@@ -131,13 +154,13 @@ pub(super) struct DirHandle {
 }
 
 impl MirrorFs {
-    /// The descriptor of an open file handle.
-    pub(super) fn handle_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
+    /// The real file of an open file handle.
+    pub(super) fn handle_file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
         self.handles
             .lock()
             .expect("handle lock")
             .get(&fh.0)
-            .map(|h| h.fd.clone())
+            .map(|h| h.file.clone())
             .ok_or(Errno::EBADF)
     }
 
@@ -151,8 +174,8 @@ impl MirrorFs {
         let keep = OFlags::from_bits_retain(
             (raw & (libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME)) as u32,
         );
-        let fd = match self.engine.tree.open_at(&path, keep, 0) {
-            Ok(fd) => Arc::new(fd),
+        let file = match self.engine.tree.open_at(&path, keep, 0) {
+            Ok(fd) => OpenFile::new(fd),
             Err(e) => return reply.error(errno_of(e)),
         };
         let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
@@ -161,16 +184,17 @@ impl MirrorFs {
             return reply.error(Errno::ENOENT);
         };
         let passthrough = self.passthrough.load(Ordering::SeqCst);
-        let (mode, backing) =
-            match admit(node, access, passthrough, || reply.open_backing(fd.as_fd())) {
-                Ok(admitted) => admitted,
-                Err(e) => return reply.error(e),
-            };
+        let (mode, backing) = match admit(node, access, passthrough, || {
+            reply.open_backing(file.as_fd())
+        }) {
+            Ok(admitted) => admitted,
+            Err(e) => return reply.error(e),
+        };
         drop(inodes);
         self.handles.lock().expect("handle lock").insert(
             fh,
             Handle {
-                fd,
+                file,
                 ino: ino.0,
                 mode,
                 _backing: backing.clone(),

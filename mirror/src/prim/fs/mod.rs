@@ -203,7 +203,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let stat = match fh.map(|fh| self.handle_fd(fh)) {
+        let stat = match fh.map(|fh| self.handle_file(fh)) {
             Some(Ok(fd)) => rustix::fs::fstat(fd.as_fd()).map_err(errno_of_rustix),
             _ => match self.path(ino) {
                 Ok(path) => match self.engine.tree.stat(&path) {
@@ -358,7 +358,7 @@ impl Filesystem for MirrorFs {
         reply: ReplyData,
     ) {
         match self
-            .handle_fd(fh)
+            .handle_file(fh)
             .and_then(|fd| read_at(fd.as_fd(), offset, size as usize).map_err(errno_of))
         {
             Ok(data) => reply.data(&data),
@@ -414,7 +414,7 @@ impl Filesystem for MirrorFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let fd = self.handle_fd(fh).ok();
+        let fd = self.handle_file(fh).ok();
         self.sync(ino, fd, datasync, reply);
     }
 
