@@ -1,6 +1,8 @@
 //! Writeback behind the writer: once [`WRITE_BEHIND_AFTER`] bytes have been written
-//! through a descriptor, the kernel is asked to start writing them to disk
-//! (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), without waiting for them to get there.
+//! one after the other through a descriptor, the kernel is asked to start writing them
+//! to disk (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), without waiting for them to get
+//! there. Only sequential runs count: a page rewritten at random may be rewritten
+//! again soon, and writing it back early would write it twice.
 //!
 //! Left alone, a file's dirty pages wait for the application's fsync or for the
 //! kernel's dirty thresholds, which are gigabytes on a large machine; the fsync that
@@ -29,32 +31,30 @@ pub struct WriteBehind {
 
 #[derive(Debug, Default)]
 struct Pending {
-    /// From the lowest to the highest byte written since the last start.
+    /// The run of writes, one after the other, since the last start.
     span: Option<Range<u64>>,
-    bytes: u64,
     /// A start is under way (perhaps on another thread); the next one waits for it.
     starting: bool,
 }
 
 impl WriteBehind {
-    /// Notes a write of `len` bytes at `offset`. Returns the span whose writeback is
-    /// due, once [`WRITE_BEHIND_AFTER`] bytes have gathered and no earlier start is
-    /// still under way; the caller passes it to [`WriteBehind::start`], on a thread
-    /// that may block.
+    /// Notes a write of `len` bytes at `offset`: it extends the run when it starts
+    /// where the run ends, and starts a new one otherwise. Returns the run once it
+    /// holds [`WRITE_BEHIND_AFTER`] bytes and no earlier start is still under way; the
+    /// caller passes it to [`WriteBehind::start`], on a thread that may block.
     pub fn wrote(&self, offset: u64, len: u64) -> Option<Range<u64>> {
         let mut pending = self.pending.lock().expect("write-behind lock");
         let end = offset.saturating_add(len);
-        pending.span = Some(match pending.span.take() {
-            Some(span) => span.start.min(offset)..span.end.max(end),
-            None => offset..end,
-        });
-        pending.bytes = pending.bytes.saturating_add(len);
-        if pending.bytes < WRITE_BEHIND_AFTER || pending.starting {
+        let run = match pending.span.take() {
+            Some(run) if run.end == offset => run.start..end,
+            _ => offset..end,
+        };
+        if run.end - run.start < WRITE_BEHIND_AFTER || pending.starting {
+            pending.span = Some(run);
             return None;
         }
         pending.starting = true;
-        pending.bytes = 0;
-        pending.span.take()
+        Some(run)
     }
 
     /// Starts the writeback of `span` of `fd`. It returns once the pages are queued,
@@ -88,15 +88,28 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    fn writeback_is_due_once_enough_bytes_gathered_and_covers_every_write_since() {
+    fn writeback_is_due_once_a_run_of_writes_holds_enough_bytes() {
         let behind = WriteBehind::default();
         assert_eq!(behind.wrote(4 * MIB, MIB / 2), None);
-        assert_eq!(behind.wrote(MIB, MIB / 4), None);
-        assert_eq!(behind.wrote(2 * MIB, MIB / 4), Some(MIB..4 * MIB + MIB / 2));
+        assert_eq!(behind.wrote(4 * MIB + MIB / 2, MIB / 4), None);
+        let due = behind.wrote(4 * MIB + 3 * MIB / 4, MIB / 4);
+        assert_eq!(due, Some(4 * MIB..5 * MIB));
+        behind.start(tempfile::tempfile().expect("temp file"), due.unwrap());
+        // The next run starts where that one ended.
+        assert_eq!(behind.wrote(5 * MIB, MIB), Some(5 * MIB..6 * MIB));
     }
 
     #[test]
-    fn one_start_at_a_time_and_what_gathers_meanwhile_goes_with_the_next() {
+    fn a_write_elsewhere_starts_a_new_run() {
+        let behind = WriteBehind::default();
+        assert_eq!(behind.wrote(0, 3 * MIB / 4), None);
+        assert_eq!(behind.wrote(8 * MIB, MIB / 2), None);
+        assert_eq!(behind.wrote(0, MIB / 2), None);
+        assert_eq!(behind.wrote(MIB / 2, MIB / 2), Some(0..MIB));
+    }
+
+    #[test]
+    fn one_start_at_a_time_and_the_run_grows_meanwhile() {
         let behind = WriteBehind::default();
         let first = behind.wrote(0, MIB).expect("due");
         assert_eq!(first, 0..MIB);
