@@ -403,3 +403,138 @@ async fn converge_except_scratch(a: &std::path::Path, b: &std::path::Path) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// One side's copy on a small ext4 image that the test can freeze (`fsfreeze`: writes
+/// to it wait until it is thawed); thawed and unmounted once both sides stopped, also
+/// when the test fails.
+struct FreezableDisk {
+    pair: Pair,
+    side: &'static str,
+}
+
+fn run(program: &str, args: &[&std::ffi::OsStr]) {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{program} {args:?}");
+}
+
+impl FreezableDisk {
+    fn new(ack: AckMode, side: &'static str, size: u64) -> FreezableDisk {
+        let pair = Pair::new(ack);
+        let image = pair.root.path().join(format!("{side}.img"));
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        run(
+            "mkfs.ext4",
+            &["-q".as_ref(), "-F".as_ref(), image.as_os_str()],
+        );
+        let dir = pair.dir(side);
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                image.as_os_str(),
+                dir.as_os_str(),
+            ],
+        );
+        std::fs::remove_dir(dir.join("lost+found")).unwrap();
+        FreezableDisk { pair, side }
+    }
+
+    fn freeze(&self) {
+        run(
+            "fsfreeze",
+            &["-f".as_ref(), self.pair.dir(self.side).as_os_str()],
+        );
+    }
+
+    fn thaw(&self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(self.pair.dir(self.side))
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        self.thaw();
+        drop(self.pair.prim.take());
+        drop(self.pair.second.take());
+        let dir = self.pair.dir(self.side);
+        let status = std::process::Command::new("umount").arg(&dir).status();
+        if !status.is_ok_and(|s| s.success()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&dir)
+                .status();
+            if !std::thread::panicking() {
+                panic!("the image was still busy after both sides stopped");
+            }
+        }
+    }
+}
+
+/// SECOND acknowledges what it received before applying it, so a disk slower than the
+/// link would grow its memory without bound: it holds at most its backlog (64 MiB),
+/// then stops reading; PRIM's window fills and PRIM reports the peer lost, goes on
+/// alone, and reintegrates once SECOND's disk moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_whose_disk_stops_holds_a_bounded_backlog_and_prim_goes_on() {
+    const MIB: usize = 1 << 20;
+    const BACKLOG: u64 = 64 << 20;
+    let mut disk = FreezableDisk::new(AckMode::Write, "b", 512 << 20);
+    let addr = disk.pair.start_second("b", "127.0.0.1:0");
+    disk.pair.start_prim(disk.pair.prim_config("a", addr, 1));
+    disk.pair.wait_synced().await;
+    disk.freeze();
+
+    // Far more than SECOND may hold plus PRIM's window (64 MiB each).
+    let a = disk.pair.dir("a");
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = std::fs::File::create(a.join("big")).unwrap();
+        for i in 0..256 {
+            file.write_all(&vec![i as u8; MIB]).unwrap();
+        }
+        file.sync_all().unwrap();
+    });
+    let (events, second) = (
+        disk.pair.events.as_mut().unwrap(),
+        disk.pair.second.as_ref().unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut most = 0;
+    loop {
+        most = most.max(second.status().backlog_bytes);
+        match tokio::time::timeout(Duration::from_millis(20), events.recv()).await {
+            Ok(Some(rampart_mirror::prim::Event::PeerLost { .. })) => break,
+            Ok(Some(_)) | Err(_) => {}
+            Ok(None) => panic!("PRIM stopped"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "PRIM never noticed that SECOND stopped taking data (backlog {most})"
+        );
+    }
+    most = most.max(second.status().backlog_bytes);
+    assert!(
+        most > BACKLOG / 2 && most <= BACKLOG + 2 * MIB as u64,
+        "SECOND held {most} bytes it had not applied"
+    );
+
+    disk.thaw();
+    tokio::time::timeout(Duration::from_secs(120), writer)
+        .await
+        .expect("the writer went on once PRIM was alone")
+        .unwrap();
+    disk.pair.wait_synced().await;
+    let (a, b) = (disk.pair.dir("a"), disk.pair.dir("b"));
+    converge(&a, &b, Duration::from_secs(30)).await;
+}

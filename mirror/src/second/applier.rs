@@ -14,13 +14,75 @@ use tokio::sync::mpsc as amps;
 
 use super::*;
 use crate::protocol::{Answer, Down, Op, RelPath, Request, Up};
-use crate::tree::{kind_of, Tree};
+use crate::tree::{kind_of, Tree, WriteBehind};
 
 /// Work for the applier thread, in stream order.
 pub(super) enum Work {
     Frame(Down, Vec<u8>, usize),
     /// Reader ended; finish and stop.
     End,
+}
+
+/// Bytes received and not yet taken by the applier, which SECOND holds in memory. The
+/// reader waits for room beyond [`Backlog::LIMIT`]: a disk slower than the link then
+/// slows PRIM down (acknowledgements stop, its send window fills, and after a whole
+/// link timeout it reports the peer lost) instead of growing SECOND's memory.
+pub(super) struct Backlog(tokio::sync::Semaphore);
+
+impl Backlog {
+    pub(super) const LIMIT: usize = 64 << 20;
+
+    pub(super) fn new() -> Backlog {
+        Backlog(tokio::sync::Semaphore::new(Self::LIMIT))
+    }
+
+    /// Waits for room for a frame of `len` bytes; false once the applier has stopped.
+    pub(super) async fn admit(&self, len: usize) -> bool {
+        match self.0.acquire_many(Self::cost(len)).await {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The applier took a frame of `len` bytes.
+    pub(super) fn taken(&self, len: usize) {
+        self.0.add_permits(Self::cost(len) as usize);
+    }
+
+    pub(super) fn queued(&self) -> usize {
+        Self::LIMIT - self.0.available_permits()
+    }
+
+    /// The applier stopped: nobody will make room any more.
+    fn close(&self) {
+        self.0.close();
+    }
+
+    /// A frame larger than the whole backlog waits for an empty one.
+    fn cost(len: usize) -> u32 {
+        len.min(Self::LIMIT) as u32
+    }
+}
+
+/// Closes the backlog when the applier stops, however it stops.
+struct Closing<'a>(&'a Backlog);
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The file the last write went to, kept open for the next write to it.
+struct OpenForWrite {
+    path: RelPath,
+    fd: std::os::fd::OwnedFd,
+    /// Writeback is started behind sequential writes, so that SECOND's periodic sync
+    /// finds little to write (it waits for all of it, and the stream for it).
+    behind: WriteBehind,
 }
 
 /// Files and directories changed since the last sync.
@@ -41,12 +103,14 @@ fn parent_of(path: &[u8]) -> RelPath {
 pub(super) fn apply_loop(
     shared: &Shared,
     work: mpsc::Receiver<Work>,
+    backlog: &Backlog,
     watermarks: &Watermarks,
     up: &amps::UnboundedSender<Up>,
 ) {
+    let _closing = Closing(backlog);
     let tree = &shared.tree;
     let mut unsynced = Unsynced::default();
-    let mut write_cache: Option<(RelPath, std::os::fd::OwnedFd)> = None;
+    let mut write_cache: Option<OpenForWrite> = None;
     loop {
         if shared.stopping.load(Ordering::SeqCst) {
             sync(shared, &mut unsynced, watermarks);
@@ -75,6 +139,7 @@ pub(super) fn apply_loop(
                 return;
             }
             Some(Work::Frame(message, frame, data_at)) => {
+                backlog.taken(frame.len());
                 let data = &frame[data_at..];
                 match message {
                     Down::Op { seq, op, .. } => {
@@ -173,19 +238,22 @@ pub(super) fn apply_loop(
 
 /// Applies an op, keeping the last written file open for the next write to it. An
 /// fsync is left to the sync of everything before it that follows.
-fn apply_op(
-    tree: &Tree,
-    op: &Op,
-    data: &[u8],
-    cache: &mut Option<(RelPath, std::os::fd::OwnedFd)>,
-) -> io::Result<()> {
+fn apply_op(tree: &Tree, op: &Op, data: &[u8], cache: &mut Option<OpenForWrite>) -> io::Result<()> {
     match op {
         Op::Write { path, offset } => {
-            if cache.as_ref().is_none_or(|(cached, _)| cached != path) {
-                *cache = Some((path.clone(), tree.open_at(path, OFlags::WRONLY, 0)?));
+            if cache.as_ref().is_none_or(|open| open.path != *path) {
+                *cache = Some(OpenForWrite {
+                    path: path.clone(),
+                    fd: tree.open_at(path, OFlags::WRONLY, 0)?,
+                    behind: WriteBehind::default(),
+                });
             }
-            let (_, fd) = cache.as_ref().expect("just filled");
-            crate::tree::write_all_at(fd, data, *offset)
+            let open = cache.as_ref().expect("just filled");
+            crate::tree::write_all_at(&open.fd, data, *offset)?;
+            if let Some(span) = open.behind.wrote(*offset, data.len() as u64) {
+                open.behind.start(&open.fd, span);
+            }
+            Ok(())
         }
         Op::Fsync { .. } => Ok(()),
         op => tree.apply(op, data),
@@ -293,5 +361,49 @@ fn answer(tree: &Tree, zone_size: u64, request: &Request) -> Answer {
                 .collect(),
         ),
         Request::Sync => Answer::Synced,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn admitted_within(backlog: &Backlog, len: usize, wait: Duration) -> Option<bool> {
+        tokio::time::timeout(wait, backlog.admit(len)).await.ok()
+    }
+
+    #[tokio::test]
+    async fn the_reader_waits_for_the_applier_once_the_backlog_is_full() {
+        let backlog = Backlog::new();
+        assert!(backlog.admit(Backlog::LIMIT - 10).await);
+        assert!(backlog.admit(10).await);
+        assert_eq!(backlog.queued(), Backlog::LIMIT);
+        let short = Duration::from_millis(50);
+        assert_eq!(admitted_within(&backlog, 1, short).await, None);
+        backlog.taken(10);
+        assert_eq!(admitted_within(&backlog, 1, short).await, Some(true));
+        assert_eq!(backlog.queued(), Backlog::LIMIT - 9);
+        // A frame larger than the whole backlog waits for it to empty.
+        backlog.taken(Backlog::LIMIT - 9);
+        assert_eq!(
+            admitted_within(&backlog, 2 * Backlog::LIMIT, short).await,
+            Some(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reader_waiting_for_a_stopped_applier_is_told() {
+        let backlog = std::sync::Arc::new(Backlog::new());
+        assert!(backlog.admit(Backlog::LIMIT).await);
+        let waiting = tokio::spawn({
+            let backlog = backlog.clone();
+            async move { backlog.admit(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(Closing(&backlog));
+        let admitted = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert!(!admitted.expect("told at once").unwrap());
     }
 }

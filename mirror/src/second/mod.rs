@@ -33,7 +33,7 @@ use crate::io_thread::IoThread;
 use crate::protocol::{self, Down, Up};
 use crate::tree::Tree;
 use crate::{AckMode, MirrorError};
-use applier::{apply_loop, Work};
+use applier::{apply_loop, Backlog, Work};
 
 /// The default of [`SecondConfig::sync_every`]: the interval at which a local file system
 /// commits (ext4's default `commit=5`).
@@ -73,6 +73,8 @@ pub struct SecondStatus {
     pub received: u64,
     pub durable: u64,
     pub bytes_applied: u64,
+    /// Received and not yet applied: held in memory, at most about 64 MiB.
+    pub backlog_bytes: u64,
     pub failures: u64,
     pub last_error: Option<String>,
 }
@@ -88,6 +90,8 @@ struct Shared {
     /// The current session's applier; whoever ends first (the session or the drop of
     /// [`Secondary`]) joins it, so that the book is never written during process exit.
     applier: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The current session's frames waiting for the applier.
+    backlog: Mutex<Arc<Backlog>>,
 }
 
 /// A running SECOND. Dropping it stops it and removes the read-only mount.
@@ -124,6 +128,7 @@ impl Secondary {
             status: Mutex::new(SecondStatus::default()),
             stopping: AtomicBool::new(false),
             applier: Mutex::new(None),
+            backlog: Mutex::new(Arc::new(Backlog::new())),
         });
         let accepting = shared.clone();
         let listener = IoThread::spawn("mirror-second", async move {
@@ -151,7 +156,9 @@ impl Secondary {
     }
 
     pub fn status(&self) -> SecondStatus {
-        self.shared.status.lock().expect("status lock").clone()
+        let mut status = self.shared.status.lock().expect("status lock").clone();
+        status.backlog_bytes = self.shared.backlog.lock().expect("backlog lock").queued() as u64;
+        status
     }
 
     pub fn book(&self) -> &ReplicationBook {
@@ -280,13 +287,16 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     let watermarks = Arc::new(Watermarks::default());
     let (up_tx, mut up_rx) = amps::unbounded_channel::<Up>();
     let (work_tx, work_rx) = mpsc::channel::<Work>();
+    let backlog = Arc::new(Backlog::new());
+    *shared.backlog.lock().expect("backlog lock") = backlog.clone();
     {
         let shared_for_applier = shared.clone();
         let watermarks = watermarks.clone();
         let up_tx = up_tx.clone();
+        let backlog = backlog.clone();
         let applier = std::thread::Builder::new()
             .name("mirror-applier".into())
-            .spawn(move || apply_loop(&shared_for_applier, work_rx, &watermarks, &up_tx))
+            .spawn(move || apply_loop(&shared_for_applier, work_rx, &backlog, &watermarks, &up_tx))
             .map_err(MirrorError::io("start the applier thread"))?;
         *shared.applier.lock().expect("applier lock") = Some(applier);
     }
@@ -366,7 +376,9 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
                     Err(_) => watermarks.changed.notify_one(),
                 }
             }
-            if work_tx.send(Work::Frame(message, frame, data_at)).is_err() {
+            if !backlog.admit(frame.len()).await
+                || work_tx.send(Work::Frame(message, frame, data_at)).is_err()
+            {
                 return Err(MirrorError::Protocol("the applier stopped".into()));
             }
         }
