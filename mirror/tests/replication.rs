@@ -483,8 +483,9 @@ impl Drop for FreezableDisk {
 
 /// SECOND acknowledges what it received before applying it, so a disk slower than the
 /// link would grow its memory without bound: it holds at most its backlog (64 MiB),
-/// then stops reading; PRIM's window fills and PRIM reports the peer lost, goes on
-/// alone, and reintegrates once SECOND's disk moves again.
+/// then stops reading, and PRIM's window fills. A disk that does not move at all makes
+/// SECOND go quiet after 10 s: PRIM reports the peer lost, goes on alone, and
+/// reintegrates once SECOND's disk moves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_whose_disk_stops_holds_a_bounded_backlog_and_prim_goes_on() {
     const MIB: usize = 1 << 20;
@@ -535,6 +536,48 @@ async fn a_second_whose_disk_stops_holds_a_bounded_backlog_and_prim_goes_on() {
         .expect("the writer went on once PRIM was alone")
         .unwrap();
     disk.pair.wait_synced().await;
+    let (a, b) = (disk.pair.dir("a"), disk.pair.dir("b"));
+    converge(&a, &b, Duration::from_secs(30)).await;
+}
+
+/// A disk that pauses for longer than the link timeout (but moves again within 10 s)
+/// throttles PRIM: its writers wait for the window while SECOND says it is alive, and
+/// nobody reports the peer lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_whose_disk_pauses_throttles_prim_without_being_lost() {
+    const MIB: usize = 1 << 20;
+    let mut disk = FreezableDisk::new(AckMode::Write, "b", 512 << 20);
+    let addr = disk.pair.start_second("b", "127.0.0.1:0");
+    disk.pair.start_prim(disk.pair.prim_config("a", addr, 1));
+    disk.pair.wait_synced().await;
+    disk.freeze();
+
+    let a = disk.pair.dir("a");
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = std::fs::File::create(a.join("big")).unwrap();
+        for i in 0..256 {
+            file.write_all(&vec![i as u8; MIB]).unwrap();
+        }
+        file.sync_all().unwrap();
+    });
+    // Twice the link timeout (1.5 s) with the disk frozen: the backlog and PRIM's
+    // window fill long before.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!writer.is_finished(), "PRIM did not wait for the window");
+    disk.thaw();
+    tokio::time::timeout(Duration::from_secs(120), writer)
+        .await
+        .expect("the writer went on once SECOND's disk moved")
+        .unwrap();
+    let events = disk.pair.events.as_mut().unwrap();
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(event, rampart_mirror::prim::Event::PeerLost { .. }),
+            "{event:?}"
+        );
+    }
+    assert!(disk.pair.prim.as_ref().unwrap().status().connected);
     let (a, b) = (disk.pair.dir("a"), disk.pair.dir("b"));
     converge(&a, &b, Duration::from_secs(30)).await;
 }

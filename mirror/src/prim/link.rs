@@ -147,10 +147,21 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
         tokio::spawn(async move {
             let period = engine.config.link_timeout / 4;
             let mut cleanup = tokio::time::interval(Duration::from_secs(1));
+            // The cleanup waits for the order lock, which a change holds for as long as
+            // its local write takes (seconds on a saturated disk): off this thread, or
+            // the acknowledgements would go unread meanwhile and the peer seem silent.
+            let mut cleaning: Option<tokio::task::JoinHandle<()>> = None;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
-                    _ = cleanup.tick() => engine.clear_settled_intents(),
+                    _ = cleanup.tick() => {
+                        if cleaning.as_ref().is_none_or(|c| c.is_finished()) {
+                            let engine = engine.clone();
+                            cleaning = Some(tokio::task::spawn_blocking(move || {
+                                engine.clear_settled_intents()
+                            }));
+                        }
+                    }
                 }
                 if engine.silent_too_long(session) {
                     let timeout = engine.config.link_timeout;

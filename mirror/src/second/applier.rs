@@ -5,8 +5,10 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
 
 use rustix::fs::OFlags;
@@ -14,7 +16,7 @@ use tokio::sync::mpsc as amps;
 
 use super::*;
 use crate::protocol::{Answer, Down, Op, RelPath, Request, Up};
-use crate::tree::{kind_of, Tree, WriteBehind};
+use crate::tree::{kind_of, Tree};
 
 /// Work for the applier thread, in stream order.
 pub(super) enum Work {
@@ -25,20 +27,27 @@ pub(super) enum Work {
 
 /// Bytes received and not yet taken by the applier, which SECOND holds in memory. The
 /// reader waits for room beyond [`Backlog::LIMIT`]: a disk slower than the link then
-/// slows PRIM down (acknowledgements stop, its send window fills, and after a whole
-/// link timeout it reports the peer lost) instead of growing SECOND's memory.
-pub(super) struct Backlog(tokio::sync::Semaphore);
+/// slows PRIM down (acknowledgements come at the applier's pace and PRIM's send
+/// window fills) instead of growing SECOND's memory.
+pub(super) struct Backlog {
+    room: tokio::sync::Semaphore,
+    /// When the applier last took a frame.
+    last_taken: Mutex<Instant>,
+}
 
 impl Backlog {
     pub(super) const LIMIT: usize = 64 << 20;
 
     pub(super) fn new() -> Backlog {
-        Backlog(tokio::sync::Semaphore::new(Self::LIMIT))
+        Backlog {
+            room: tokio::sync::Semaphore::new(Self::LIMIT),
+            last_taken: Mutex::new(Instant::now()),
+        }
     }
 
     /// Waits for room for a frame of `len` bytes; false once the applier has stopped.
     pub(super) async fn admit(&self, len: usize) -> bool {
-        match self.0.acquire_many(Self::cost(len)).await {
+        match self.room.acquire_many(Self::cost(len)).await {
             Ok(permit) => {
                 permit.forget();
                 true
@@ -49,16 +58,22 @@ impl Backlog {
 
     /// The applier took a frame of `len` bytes.
     pub(super) fn taken(&self, len: usize) {
-        self.0.add_permits(Self::cost(len) as usize);
+        *self.last_taken.lock().expect("backlog lock") = Instant::now();
+        self.room.add_permits(Self::cost(len) as usize);
     }
 
     pub(super) fn queued(&self) -> usize {
-        Self::LIMIT - self.0.available_permits()
+        Self::LIMIT - self.room.available_permits()
+    }
+
+    /// The applier took a frame within `period`.
+    pub(super) fn moved_within(&self, period: std::time::Duration) -> bool {
+        self.last_taken.lock().expect("backlog lock").elapsed() < period
     }
 
     /// The applier stopped: nobody will make room any more.
     fn close(&self) {
-        self.0.close();
+        self.room.close();
     }
 
     /// A frame larger than the whole backlog waits for an empty one.
@@ -76,21 +91,15 @@ impl Drop for Closing<'_> {
     }
 }
 
-/// The file the last write went to, kept open for the next write to it.
-struct OpenForWrite {
-    path: RelPath,
-    fd: std::os::fd::OwnedFd,
-    /// Writeback is started behind sequential writes, so that SECOND's periodic sync
-    /// finds little to write (it waits for all of it, and the stream for it).
-    behind: WriteBehind,
-}
-
-/// Files and directories changed since the last sync.
+/// Files and directories changed since the last sync, and the periodic sync under way.
 #[derive(Default)]
-struct Unsynced {
+struct Unsynced<'scope> {
     paths: BTreeSet<RelPath>,
     last_seq: u64,
     since: Option<Instant>,
+    /// The periodic sync runs beside the applier (see [`sync_behind`]); a failed one
+    /// hands its paths back.
+    behind: Option<ScopedJoinHandle<'scope, Result<(), BTreeSet<RelPath>>>>,
 }
 
 fn parent_of(path: &[u8]) -> RelPath {
@@ -108,9 +117,20 @@ pub(super) fn apply_loop(
     up: &amps::UnboundedSender<Up>,
 ) {
     let _closing = Closing(backlog);
+    std::thread::scope(|scope| apply_in(scope, shared, work, backlog, watermarks, up));
+}
+
+fn apply_in<'scope, 'env>(
+    scope: &'scope Scope<'scope, 'env>,
+    shared: &'env Shared,
+    work: mpsc::Receiver<Work>,
+    backlog: &Backlog,
+    watermarks: &'env Watermarks,
+    up: &amps::UnboundedSender<Up>,
+) {
     let tree = &shared.tree;
     let mut unsynced = Unsynced::default();
-    let mut write_cache: Option<OpenForWrite> = None;
+    let mut write_cache: Option<(RelPath, OwnedFd)> = None;
     loop {
         if shared.stopping.load(Ordering::SeqCst) {
             sync(shared, &mut unsynced, watermarks);
@@ -231,29 +251,26 @@ pub(super) fn apply_loop(
             .since
             .is_some_and(|since| since.elapsed() >= shared.config.sync_every)
         {
-            sync(shared, &mut unsynced, watermarks);
+            sync_behind(scope, shared, &mut unsynced, watermarks);
         }
     }
 }
 
 /// Applies an op, keeping the last written file open for the next write to it. An
 /// fsync is left to the sync of everything before it that follows.
-fn apply_op(tree: &Tree, op: &Op, data: &[u8], cache: &mut Option<OpenForWrite>) -> io::Result<()> {
+fn apply_op(
+    tree: &Tree,
+    op: &Op,
+    data: &[u8],
+    cache: &mut Option<(RelPath, OwnedFd)>,
+) -> io::Result<()> {
     match op {
         Op::Write { path, offset } => {
-            if cache.as_ref().is_none_or(|open| open.path != *path) {
-                *cache = Some(OpenForWrite {
-                    path: path.clone(),
-                    fd: tree.open_at(path, OFlags::WRONLY, 0)?,
-                    behind: WriteBehind::default(),
-                });
+            if cache.as_ref().is_none_or(|(cached, _)| cached != path) {
+                *cache = Some((path.clone(), tree.open_at(path, OFlags::WRONLY, 0)?));
             }
-            let open = cache.as_ref().expect("just filled");
-            crate::tree::write_all_at(&open.fd, data, *offset)?;
-            if let Some(span) = open.behind.wrote(*offset, data.len() as u64) {
-                open.behind.start(&open.fd, span);
-            }
-            Ok(())
+            let (_, fd) = cache.as_ref().expect("just filled");
+            crate::tree::write_all_at(fd, data, *offset)
         }
         Op::Fsync { .. } => Ok(()),
         op => tree.apply(op, data),
@@ -284,45 +301,129 @@ fn note_unsynced(unsynced: &mut Unsynced, op: &Op, seq: u64) {
 }
 
 /// Makes everything applied so far durable, then advances the durable watermark.
+/// Syncs everything applied so far, then advances the durable watermark.
 fn sync(shared: &Shared, unsynced: &mut Unsynced, watermarks: &Watermarks) {
+    wait_behind(unsynced);
     if unsynced.since.is_none() {
         return;
     }
     let paths = std::mem::take(&mut unsynced.paths);
-    let result = if paths.len() > 64 {
-        shared.tree.sync_all()
-    } else {
-        paths
-            .iter()
-            .try_for_each(|path| sync_path(&shared.tree, path))
-    };
-    if let Err(e) = result {
+    if let Err(e) = Targets::of(&shared.tree, &paths).sync(&shared.tree) {
         // Not durable: the watermark stays, so PRIM keeps its intents.
         tracing::warn!("syncing the copy failed: {e}");
         unsynced.paths = paths;
         return;
     }
     unsynced.since = None;
-    watermarks
-        .durable
-        .fetch_max(unsynced.last_seq, Ordering::SeqCst);
+    advance_durable(shared, watermarks, unsynced.last_seq);
+}
+
+/// The periodic sync, on a thread beside the applier: applying goes on while the disk
+/// writes what the last interval left dirty, which can take seconds under a sustained
+/// write; the stream would stall behind it (the backlog fills) and PRIM would take the
+/// silence for a lost peer. The files are opened here, before anything else is applied,
+/// so that a rename or unlink applied meanwhile cannot make it miss one. One at a time:
+/// the next waits for the next interval.
+fn sync_behind<'scope, 'env>(
+    scope: &'scope Scope<'scope, 'env>,
+    shared: &'env Shared,
+    unsynced: &mut Unsynced<'scope>,
+    watermarks: &'env Watermarks,
+) {
+    if unsynced.behind.as_ref().is_some_and(|b| !b.is_finished()) {
+        return;
+    }
+    wait_behind(unsynced);
+    if unsynced.since.is_none() {
+        return;
+    }
+    let paths = std::mem::take(&mut unsynced.paths);
+    let targets = Targets::of(&shared.tree, &paths);
+    let seq = unsynced.last_seq;
+    unsynced.since = None;
+    unsynced.behind = Some(scope.spawn(move || match targets.sync(&shared.tree) {
+        Ok(()) => {
+            advance_durable(shared, watermarks, seq);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!("syncing the copy failed: {e}");
+            Err(paths)
+        }
+    }));
+}
+
+/// Waits for the periodic sync under way, if any: whatever syncs next covers what it
+/// failed to.
+fn wait_behind(unsynced: &mut Unsynced) {
+    let Some(behind) = unsynced.behind.take() else {
+        return;
+    };
+    match behind.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(paths)) => {
+            unsynced.paths.extend(paths);
+            unsynced.since.get_or_insert_with(Instant::now);
+        }
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn advance_durable(shared: &Shared, watermarks: &Watermarks, seq: u64) {
+    watermarks.durable.fetch_max(seq, Ordering::SeqCst);
     watermarks.changed.notify_one();
     let mut status = shared.status.lock().expect("status lock");
     status.durable = watermarks.durable.load(Ordering::SeqCst);
     status.received = watermarks.received.load(Ordering::SeqCst);
 }
 
-fn sync_path(tree: &Tree, path: &[u8]) -> io::Result<()> {
+/// What a sync covers: the changed files and directories, opened, or (when there are
+/// many, or one cannot be opened) the whole file system.
+enum Targets {
+    Files(Vec<OwnedFd>),
+    All,
+}
+
+impl Targets {
+    fn of(tree: &Tree, paths: &BTreeSet<RelPath>) -> Targets {
+        if paths.len() > 64 {
+            return Targets::All;
+        }
+        match paths
+            .iter()
+            .map(|path| open_for_sync(tree, path))
+            .collect::<io::Result<Vec<_>>>()
+        {
+            Ok(fds) => Targets::Files(fds.into_iter().flatten().collect()),
+            Err(e) => {
+                tracing::debug!("syncing the whole copy: {e}");
+                Targets::All
+            }
+        }
+    }
+
+    fn sync(&self, tree: &Tree) -> io::Result<()> {
+        match self {
+            Targets::All => tree.sync_all(),
+            Targets::Files(fds) => fds.iter().try_for_each(|fd| {
+                rustix::fs::fsync(fd).map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))
+            }),
+        }
+    }
+}
+
+/// `path` opened for fsync; `None` when it is gone (its parent is synced) or is
+/// neither a file nor a directory.
+fn open_for_sync(tree: &Tree, path: &[u8]) -> io::Result<Option<OwnedFd>> {
     let Some(stat) = tree.stat(path)? else {
-        return Ok(()); // Removed since: its parent is synced.
+        return Ok(None);
     };
     let flags = match kind_of(stat.st_mode) {
         crate::protocol::Kind::Dir => OFlags::RDONLY | OFlags::DIRECTORY,
         crate::protocol::Kind::File => OFlags::RDONLY,
-        _ => return Ok(()),
+        _ => return Ok(None),
     };
-    let fd = tree.open_at(path, flags, 0)?;
-    rustix::fs::fsync(&fd).map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))
+    tree.open_at(path, flags, 0).map(Some)
 }
 
 fn answer(tree: &Tree, zone_size: u64, request: &Request) -> Answer {

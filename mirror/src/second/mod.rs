@@ -35,6 +35,11 @@ use crate::tree::Tree;
 use crate::{AckMode, MirrorError};
 use applier::{apply_loop, Backlog, Work};
 
+/// How often SECOND tells PRIM it is alive while its reader waits for the applier.
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(100);
+/// An applier that took no frame for this long is stuck: SECOND goes quiet.
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+
 /// The default of [`SecondConfig::sync_every`]: the interval at which a local file system
 /// commits (ext4's default `commit=5`).
 pub const SYNC_EVERY: Duration = Duration::from_secs(5);
@@ -53,11 +58,12 @@ pub struct SecondConfig {
     pub ack: AckMode,
     /// In `write` and `fsync` modes, applied changes are synced at least this often
     /// (an fsync from PRIM syncs at once; `durable` mode syncs before each ack).
-    /// Nothing waits for these syncs: they advance the durable watermark, by which
-    /// PRIM clears its intents (which it keeps for 5 s after their last write anyway),
-    /// and `write` mode promises SECOND's receipt, not its disk. Syncing more often
-    /// buys nothing but disk bandwidth taken from the application on SECOND's disk
-    /// (and from PRIM's, where the two share one).
+    /// Nothing waits for these syncs (they run beside the applier, which goes on
+    /// applying): they advance the durable watermark, by which PRIM clears its intents
+    /// (which it keeps for 5 s after their last write anyway), and `write` mode
+    /// promises SECOND's receipt, not its disk. Syncing more often buys nothing but
+    /// disk bandwidth taken from the application on SECOND's disk (and from PRIM's,
+    /// where the two share one).
     pub sync_every: Duration,
     /// Bind-mount `dir` read-only over itself while running.
     pub protect: bool,
@@ -376,7 +382,7 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
                     Err(_) => watermarks.changed.notify_one(),
                 }
             }
-            if !backlog.admit(frame.len()).await
+            if !admit_while_moving(&backlog, frame.len(), &watermarks).await
                 || work_tx.send(Work::Frame(message, frame, data_at)).is_err()
             {
                 return Err(MirrorError::Protocol("the applier stopped".into()));
@@ -412,6 +418,28 @@ impl Upstream {
             durable,
         };
         Ok(self.writer.write(protocol::encode(&ack, &[])).await?)
+    }
+}
+
+/// Waits for room in the backlog for a frame of `len` bytes (false once the applier has
+/// stopped). Meanwhile the reader reads nothing, pings included, so SECOND tells PRIM
+/// it is alive every [`KEEPALIVE_EVERY`] while the applier keeps taking frames: a slow
+/// disk throttles PRIM rather than making it report the peer lost. A disk stuck for
+/// [`STUCK_AFTER`] goes quiet, and PRIM reports the peer lost a link timeout later.
+async fn admit_while_moving(backlog: &Backlog, len: usize, watermarks: &Watermarks) -> bool {
+    let admit = backlog.admit(len);
+    tokio::pin!(admit);
+    loop {
+        tokio::select! {
+            admitted = &mut admit => return admitted,
+            _ = tokio::time::sleep(KEEPALIVE_EVERY) => {
+                if backlog.moved_within(STUCK_AFTER) {
+                    // Answered like a ping, by the writer task, after any Failed.
+                    watermarks.ping.store(true, Ordering::SeqCst);
+                    watermarks.changed.notify_one();
+                }
+            }
+        }
     }
 }
 

@@ -188,17 +188,15 @@ impl Engine {
         })
     }
 
+    /// Waits while the bytes in flight exceed the window and the link is up: a peer
+    /// that acknowledges slowly throttles the writers; one that goes quiet is declared
+    /// lost by the watchdog, which ends the wait.
     fn wait_for_window(&self) {
-        let deadline = Instant::now() + self.config.link_timeout;
         let mut link = self.lock_link();
         while link.phase == Phase::Streaming && link.in_flight_bytes > self.config.window_bytes {
-            let now = Instant::now();
-            if now >= deadline {
-                return; // The watchdog stalls the link; the change is then marked dirty.
-            }
             link = self
                 .link_changed
-                .wait_timeout(link, deadline - now)
+                .wait_timeout(link, self.config.link_timeout)
                 .expect("link lock")
                 .0;
         }
