@@ -185,13 +185,16 @@ impl Engine {
 
     /// Runs `read` under the order lock and sends the operation it returns, for the
     /// copier: what it read cannot be overtaken by a live change. Returns the sequence
-    /// sent, `Ok(None)` if `read` chose to send nothing.
+    /// sent, `Ok(None)` if `read` chose to send nothing. Waits for room in the send
+    /// window first, as live changes do: a copy to a slow peer would otherwise queue
+    /// its whole tree in memory here.
     pub(crate) fn send_current(
         &self,
         session: u64,
         settles: &Marks,
         read: impl FnOnce(&Tree) -> std::io::Result<Option<(Op, Vec<u8>)>>,
     ) -> Result<Option<u64>, String> {
+        self.wait_for_window();
         let mut order = self.lock_order();
         if self.lock_link().session != session {
             return Err("the session ended".into());
