@@ -126,7 +126,11 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
                     }
                     Ok((Up::Failed { path, error, .. }, _)) => {
                         engine.on_heard(session);
-                        engine.on_failed(&path, &error);
+                        // Waits for the order lock: off this thread (see the watchdog),
+                        // yet before the next message, whose ack must find it recorded.
+                        let engine = engine.clone();
+                        let failed = move || engine.on_failed(&path, &error);
+                        let _ = tokio::task::spawn_blocking(failed).await;
                     }
                     Ok((Up::Answer { seq, answer }, _)) => engine.on_answer(session, seq, answer),
                     Ok((other, _)) => {

@@ -11,6 +11,7 @@ use std::sync::{mpsc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
 
+use rampart_storage::book;
 use rustix::fs::OFlags;
 use tokio::sync::mpsc as amps;
 
@@ -247,6 +248,10 @@ fn apply_in<'scope, 'env>(
             }
             None => {}
         }
+        if unsynced.behind.as_ref().is_some_and(|b| b.is_finished()) {
+            // A failed one hands its paths back for the next interval.
+            wait_behind(&mut unsynced);
+        }
         if unsynced
             .since
             .is_some_and(|since| since.elapsed() >= shared.config.sync_every)
@@ -278,22 +283,36 @@ fn apply_op(
 }
 
 fn note_unsynced(unsynced: &mut Unsynced, op: &Op, seq: u64) {
-    let mut note = |path: &[u8]| {
-        unsynced.paths.insert(path.to_vec());
-    };
     match op {
         Op::Write { path, .. }
         | Op::Truncate { path, .. }
         | Op::Fallocate { path, .. }
         | Op::Zone { path, .. }
-        | Op::Fsync { path, .. } => note(path),
-        Op::Rename { from, to, .. } => {
-            note(&parent_of(from));
-            note(&parent_of(to));
+        | Op::Fsync { path, .. } => {
+            unsynced.paths.insert(path.clone());
+        }
+        Op::Rename { from, to, flags } => {
+            // What was written under a renamed path is synced under its new name: the
+            // old one is gone by the sync, and skipping it would lose the data.
+            let exchange = flags & libc::RENAME_EXCHANGE != 0;
+            unsynced.paths = std::mem::take(&mut unsynced.paths)
+                .into_iter()
+                .map(|path| {
+                    if book::is_within(&path, from) {
+                        book::reroot(&path, from, to)
+                    } else if exchange && book::is_within(&path, to) {
+                        book::reroot(&path, to, from)
+                    } else {
+                        path
+                    }
+                })
+                .collect();
+            unsynced.paths.insert(parent_of(from));
+            unsynced.paths.insert(parent_of(to));
         }
         other => {
-            note(other.path());
-            note(&parent_of(other.path()));
+            unsynced.paths.insert(other.path().to_vec());
+            unsynced.paths.insert(parent_of(other.path()));
         }
     }
     unsynced.last_seq = unsynced.last_seq.max(seq);
@@ -301,7 +320,6 @@ fn note_unsynced(unsynced: &mut Unsynced, op: &Op, seq: u64) {
 }
 
 /// Makes everything applied so far durable, then advances the durable watermark.
-/// Syncs everything applied so far, then advances the durable watermark.
 fn sync(shared: &Shared, unsynced: &mut Unsynced, watermarks: &Watermarks) {
     wait_behind(unsynced);
     if unsynced.since.is_none() {
@@ -473,6 +491,46 @@ mod tests {
 
     async fn admitted_within(backlog: &Backlog, len: usize, wait: Duration) -> Option<bool> {
         tokio::time::timeout(wait, backlog.admit(len)).await.ok()
+    }
+
+    fn unsynced_after(ops: &[Op]) -> Vec<String> {
+        let mut unsynced = Unsynced::default();
+        for (seq, op) in ops.iter().enumerate() {
+            note_unsynced(&mut unsynced, op, seq as u64 + 1);
+        }
+        let paths = unsynced.paths.iter();
+        paths
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    }
+
+    fn write(path: &str) -> Op {
+        Op::Write {
+            path: path.as_bytes().to_vec(),
+            offset: 0,
+        }
+    }
+
+    fn rename(from: &str, to: &str, flags: u32) -> Op {
+        Op::Rename {
+            from: from.as_bytes().to_vec(),
+            to: to.as_bytes().to_vec(),
+            flags,
+        }
+    }
+
+    #[test]
+    fn what_was_written_under_a_renamed_path_is_synced_under_its_new_name() {
+        // Write, then rename into place: the sync must reach the data under "f".
+        let ops = [write("d/tmp"), rename("d/tmp", "f", 0)];
+        assert_eq!(unsynced_after(&ops), ["", "d", "f"]);
+        // A renamed directory carries what was written beneath it.
+        let ops = [write("d/x"), rename("d", "e", 0)];
+        assert_eq!(unsynced_after(&ops), ["", "e/x"]);
+        // An exchange swaps the names both ways.
+        let exchange = libc::RENAME_EXCHANGE;
+        let ops = [write("a"), write("b/y"), rename("a", "b", exchange)];
+        assert_eq!(unsynced_after(&ops), ["", "a/y", "b"]);
     }
 
     #[tokio::test]

@@ -57,7 +57,15 @@ pub(super) struct Run {
     pub(super) end: u64,
     /// Zones in the last window.
     pub(super) window: u64,
-    pub(super) recording: Option<Range<u64>>,
+    pub(super) recording: Option<Recording>,
+}
+
+/// A window on its way to the book, and the epochs it was sent under: a job of an older
+/// epoch never takes a newer run's window for its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Recording {
+    pub(super) zones: Range<u64>,
+    pub(super) epochs: Epochs,
 }
 
 /// Which intents leave the cache together: bumped when the book's intents are dropped
@@ -125,12 +133,18 @@ impl Marker {
                 zones: next.clone(),
                 epochs: order.epochs,
             };
-            let sent = self
+            let recording = Recording {
+                zones: next,
+                epochs: order.epochs,
+            };
+            if self
                 .jobs
                 .as_ref()
-                .is_some_and(|jobs| jobs.send(job).is_ok());
-            if let (true, Some(run)) = (sent, order.ahead.get_mut(path)) {
-                run.recording = Some(next);
+                .is_some_and(|jobs| jobs.send(job).is_ok())
+            {
+                if let Some(run) = order.ahead.get_mut(path) {
+                    run.recording = Some(recording);
+                }
             }
         }
     }
@@ -154,8 +168,12 @@ fn record(book: &ReplicationBook, order: &Mutex<Order>, job: Job) {
     let recorded = book.add(MarkKind::Intent, &marks);
     let mut order = order.lock().expect("order lock");
     let current = order.epochs == job.epochs;
+    let ours = Recording {
+        zones: job.zones.clone(),
+        epochs: job.epochs,
+    };
     if let Some(run) = order.ahead.get_mut(&job.path) {
-        if run.recording.as_ref() == Some(&job.zones) {
+        if run.recording.as_ref() == Some(&ours) {
             run.recording = None;
             if recorded.is_ok() && current && job.zones.end > run.end {
                 run.end = job.zones.end;
@@ -189,7 +207,7 @@ pub(super) fn recording(ahead: &HashMap<RelPath, Run>, path: &[u8], zone: u64) -
     ahead
         .get(path)
         .and_then(|run| run.recording.as_ref())
-        .is_some_and(|zones| zones.contains(&zone))
+        .is_some_and(|recording| recording.zones.contains(&zone))
 }
 
 #[cfg(test)]
@@ -316,7 +334,10 @@ mod tests {
                 Run {
                     end: 100,
                     window: 16,
-                    recording: Some(zones.clone()),
+                    recording: Some(Recording {
+                        zones: zones.clone(),
+                        epochs,
+                    }),
                 },
             );
             {
@@ -339,6 +360,38 @@ mod tests {
     }
 
     #[test]
+    fn a_window_of_an_older_epoch_leaves_a_newer_run_recording_the_same_zones_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        let old = engine.lock_order().epochs;
+        let zones = 100..132;
+        let newer = {
+            let mut order = engine.lock_order();
+            order.epochs.dropped += 1;
+            let recording = Recording {
+                zones: zones.clone(),
+                epochs: order.epochs,
+            };
+            let run = Run {
+                end: 100,
+                window: 16,
+                recording: Some(recording),
+            };
+            order.ahead.insert(b"f".to_vec(), run.clone());
+            run
+        };
+        let job = Job {
+            path: b"f".to_vec(),
+            zones,
+            epochs: old,
+        };
+        record(&engine.book, &engine.order, job);
+        // The newer window still guards its zones until its own job is done.
+        assert_eq!(engine.lock_order().ahead[&b"f"[..]], newer);
+        assert!(!cached(&engine, 100..101));
+    }
+
+    #[test]
     fn settled_zones_of_a_window_being_recorded_stay_in_the_book() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(&dir);
@@ -351,7 +404,11 @@ mod tests {
             for intent in order.intent_zones.values_mut() {
                 intent.touched = old;
             }
-            order.ahead.get_mut(&b"f"[..]).unwrap().recording = Some(3..5);
+            let epochs = order.epochs;
+            order.ahead.get_mut(&b"f"[..]).unwrap().recording = Some(Recording {
+                zones: 3..5,
+                epochs,
+            });
         }
         engine.lock_link().durable = u64::MAX;
         engine.clear_settled_intents();

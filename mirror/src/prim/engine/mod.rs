@@ -320,6 +320,8 @@ impl Engine {
             )
         };
         self.set_status(|s| s.phase = Phase::Fenced);
+        // Writers waiting for the window see the fence at once.
+        self.link_changed.notify_all();
         for waiter in parked.into_iter().chain(waiters.into_values().flatten()) {
             (waiter.done)(Err(libc::EIO));
         }

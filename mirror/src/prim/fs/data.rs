@@ -45,14 +45,16 @@ struct SyncState {
 }
 
 impl Syncers {
-    const THREADS: usize = 4;
+    /// Threads for the application's fsyncs.
+    pub(super) const FSYNC_THREADS: usize = 4;
 
-    pub(super) fn new() -> Syncers {
+    /// `threads` threads named `name-0`, `name-1`, …
+    pub(super) fn new(name: &str, threads: usize) -> Syncers {
         let queue = Arc::new(SyncQueue::default());
-        for i in 0..Self::THREADS {
+        for i in 0..threads {
             let queue = queue.clone();
             std::thread::Builder::new()
-                .name(format!("mirror-fsync-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || queue.serve())
                 .expect("spawn an fsync thread");
         }
@@ -156,13 +158,14 @@ impl MirrorFs {
         }
     }
 
-    /// After a local write: once enough has gathered, a sync thread starts its
+    /// After a local write: once enough has gathered, the writeback thread starts its
     /// writeback, so that the disk works while the application writes instead of all
-    /// at its fsync (see [`crate::tree::WriteBehind`]).
+    /// at its fsync (see [`crate::tree::WriteBehind`]). A thread of its own: a start
+    /// can wait for room in the device's queue, and fsyncs must not wait behind it.
     fn write_behind(&self, file: &Arc<OpenFile>, offset: u64, len: u64) {
         if let Some(span) = file.write_behind.wrote(offset, len) {
             let file = file.clone();
-            self.syncers
+            self.writeback
                 .run(move || file.write_behind.start(file.as_fd(), span));
         }
     }
@@ -427,27 +430,27 @@ mod tests {
 
     #[test]
     fn fsync_jobs_run_side_by_side_up_to_the_pool_size() {
-        let syncers = Syncers::new();
-        // Every job waits for all the others: this passes only if THREADS run at once.
-        let barrier = Arc::new(std::sync::Barrier::new(Syncers::THREADS));
+        let syncers = Syncers::new("test-fsync", Syncers::FSYNC_THREADS);
+        // Every job waits for all the others: this passes only if FSYNC_THREADS run at once.
+        let barrier = Arc::new(std::sync::Barrier::new(Syncers::FSYNC_THREADS));
         let (done, finished) = mpsc::channel();
-        for i in 0..Syncers::THREADS {
+        for i in 0..Syncers::FSYNC_THREADS {
             let (barrier, done) = (barrier.clone(), done.clone());
             syncers.run(move || {
                 barrier.wait();
                 done.send(i).unwrap();
             });
         }
-        let mut seen: Vec<usize> = (0..Syncers::THREADS)
+        let mut seen: Vec<usize> = (0..Syncers::FSYNC_THREADS)
             .map(|_| finished.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect();
         seen.sort();
-        assert_eq!(seen, (0..Syncers::THREADS).collect::<Vec<_>>());
+        assert_eq!(seen, (0..Syncers::FSYNC_THREADS).collect::<Vec<_>>());
     }
 
     #[test]
     fn jobs_queued_before_the_pool_is_dropped_still_run() {
-        let syncers = Syncers::new();
+        let syncers = Syncers::new("test-fsync", Syncers::FSYNC_THREADS);
         let (done, finished) = mpsc::channel();
         for i in 0..100 {
             let done = done.clone();

@@ -61,6 +61,8 @@ pub(crate) struct MirrorFs {
     passthrough: AtomicBool,
     /// Local fsyncs run here, off the FUSE dispatch thread.
     syncers: Syncers,
+    /// Writeback started behind sequential writes (see [`data`]'s `write_behind`).
+    writeback: Syncers,
     /// Changes of `security.capability` on any file so far (see [`attrs::CAPABILITY`]).
     capability_changes: AtomicU64,
     /// Tells the kernel what changed behind its back; set once mounted.
@@ -76,7 +78,8 @@ impl MirrorFs {
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
-            syncers: Syncers::new(),
+            syncers: Syncers::new("mirror-fsync", Syncers::FSYNC_THREADS),
+            writeback: Syncers::new("mirror-writeback", 1),
             capability_changes: AtomicU64::new(0),
             notifier: Arc::new(OnceLock::new()),
         }
