@@ -178,7 +178,7 @@ impl MirrorFs {
         fh: Option<FileHandle>,
         size: u64,
     ) -> Result<(), Errno> {
-        let fd = fh.and_then(|fh| self.handle_file(fh).ok());
+        let file = fh.and_then(|fh| self.handle_file(fh).ok());
         let engine = self.engine.clone();
         let op_path = path.to_vec();
         let touch = Touch::path(path).and_range(path, size, 1, engine.config.zone_size);
@@ -188,8 +188,8 @@ impl MirrorFs {
             touch,
             None,
             move || {
-                match fd {
-                    Some(fd) => rustix::fs::ftruncate(fd.as_fd(), size)
+                match file {
+                    Some(file) => rustix::fs::ftruncate(file.as_fd(), size)
                         .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?,
                     None => engine.tree.apply(
                         &Op::Truncate {
@@ -327,8 +327,8 @@ impl MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let fd = match self.handle_file(fh) {
-            Ok(fd) => fd,
+        let file = match self.handle_file(fh) {
+            Ok(file) => file,
             Err(e) => return reply.error(e),
         };
         let touch =
@@ -345,7 +345,7 @@ impl MirrorFs {
             self.engine.write_level().or(Some(Level::Received)),
             move || {
                 rustix::fs::fallocate(
-                    fd.as_fd(),
+                    file.as_fd(),
                     rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
                     offset,
                     length,
@@ -365,7 +365,7 @@ impl MirrorFs {
     pub(super) fn sync(
         &self,
         ino: INodeNo,
-        fd: Option<Arc<OpenFile>>,
+        file: Option<Arc<OpenFile>>,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
@@ -373,7 +373,7 @@ impl MirrorFs {
             Ok(path) => path,
             Err(_) => {
                 // Unlinked: only the local file matters.
-                let result = fd.map_or(Ok(()), |fd| rustix::fs::fsync(fd.as_fd()));
+                let result = file.map_or(Ok(()), |file| rustix::fs::fsync(file.as_fd()));
                 return match result {
                     Ok(()) => reply.ok(),
                     Err(e) => reply.error(errno_of_rustix(e)),
@@ -397,9 +397,9 @@ impl MirrorFs {
         };
         let engine = self.engine.clone();
         self.syncers.run(move || {
-            let local = match &fd {
-                Some(fd) if datasync => rustix::fs::fdatasync(fd.as_fd()),
-                Some(fd) => rustix::fs::fsync(fd.as_fd()),
+            let local = match &file {
+                Some(file) if datasync => rustix::fs::fdatasync(file.as_fd()),
+                Some(file) => rustix::fs::fsync(file.as_fd()),
                 None => match engine.tree.open_at(&path, OFlags::RDONLY, 0) {
                     Ok(fd) => rustix::fs::fsync(&fd),
                     Err(e) => Err(rustix::io::Errno::from_raw_os_error(

@@ -6,14 +6,19 @@
 //! whose cached pages older kernels (5.x's `fuse_direct_io`) leave stale under a
 //! direct write. [`mode_for`] decides.
 
+use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fuser::{BackingId, Errno, FileHandle, FopenFlags, INodeNo, OpenFlags, ReplyEmpty, ReplyOpen};
+use fuser::{
+    BackingId, Errno, FileHandle, FileType, FopenFlags, INodeNo, OpenFlags, ReplyDirectory,
+    ReplyEmpty, ReplyOpen,
+};
 use rustix::fs::OFlags;
 
-use super::attrs::errno_of;
+use super::attrs::{errno_of, file_type};
 use super::inodes::Node;
 use super::MirrorFs;
 use crate::protocol::Kind;
@@ -205,6 +210,57 @@ impl MirrorFs {
             Some(backing) => reply.opened_passthrough(FileHandle(fh), flags, &backing),
             None => reply.opened(FileHandle(fh), flags),
         }
+    }
+
+    /// opendir: the entries are read once, here; readdir pages through them.
+    pub(super) fn open_dir(&self, ino: INodeNo, reply: ReplyOpen) {
+        let entries = match self
+            .path(ino)
+            .and_then(|p| self.engine.tree.entries(&p).map_err(errno_of))
+        {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
+        self.dirs
+            .lock()
+            .expect("dir lock")
+            .insert(fh, DirHandle { entries });
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    /// readdir: the entries of an open directory from `offset` on, "." and ".." first.
+    pub(super) fn read_dir(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dirs = self.dirs.lock().expect("dir lock");
+        let Some(dir) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let dots = [(&b"."[..], ino.0), (&b".."[..], ino.0)];
+        let all = dots
+            .iter()
+            .map(|(n, i)| (*n, FileType::Directory, *i))
+            .chain(
+                dir.entries
+                    .iter()
+                    .map(|(n, k, i)| (&n[..], file_type(*k), *i)),
+            );
+        for (index, (name, kind, entry_ino)) in all.enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(entry_ino.max(1)),
+                index as u64 + 1,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     pub(super) fn release_handle(&self, fh: FileHandle, reply: ReplyEmpty) {

@@ -30,16 +30,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileHandle, Filesystem, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::prim::engine::{Engine, Level, Touch};
 use crate::protocol::{Kind, Op, RelPath};
 use crate::tree::{join, read_at};
-use attrs::{attr_of, errno_of, errno_of_rustix, file_type, set_time};
+use attrs::{attr_of, errno_of, errno_of_rustix, set_time};
 use data::Syncers;
 use handles::{DirHandle, Handle};
 use inodes::Inodes;
@@ -207,7 +207,7 @@ impl Filesystem for MirrorFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let stat = match fh.map(|fh| self.handle_file(fh)) {
-            Some(Ok(fd)) => rustix::fs::fstat(fd.as_fd()).map_err(errno_of_rustix),
+            Some(Ok(file)) => rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix),
             _ => match self.path(ino) {
                 Ok(path) => match self.engine.tree.stat(&path) {
                     Ok(Some(stat)) => Ok(stat),
@@ -362,7 +362,7 @@ impl Filesystem for MirrorFs {
     ) {
         match self
             .handle_file(fh)
-            .and_then(|fd| read_at(fd.as_fd(), offset, size as usize).map_err(errno_of))
+            .and_then(|file| read_at(file.as_fd(), offset, size as usize).map_err(errno_of))
         {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
@@ -417,24 +417,12 @@ impl Filesystem for MirrorFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let fd = self.handle_file(fh).ok();
-        self.sync(ino, fd, datasync, reply);
+        let file = self.handle_file(fh).ok();
+        self.sync(ino, file, datasync, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let entries = match self
-            .path(ino)
-            .and_then(|p| self.engine.tree.entries(&p).map_err(errno_of))
-        {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(e),
-        };
-        let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
-        self.dirs
-            .lock()
-            .expect("dir lock")
-            .insert(fh, DirHandle { entries });
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        self.open_dir(ino, reply);
     }
 
     fn readdir(
@@ -443,32 +431,9 @@ impl Filesystem for MirrorFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let dirs = self.dirs.lock().expect("dir lock");
-        let Some(dir) = dirs.get(&fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        let dots = [(&b"."[..], ino.0), (&b".."[..], ino.0)];
-        let all = dots
-            .iter()
-            .map(|(n, i)| (*n, FileType::Directory, *i))
-            .chain(
-                dir.entries
-                    .iter()
-                    .map(|(n, k, i)| (&n[..], file_type(*k), *i)),
-            );
-        for (index, (name, kind, entry_ino)) in all.enumerate().skip(offset as usize) {
-            if reply.add(
-                INodeNo(entry_ino.max(1)),
-                index as u64 + 1,
-                kind,
-                OsStr::from_bytes(name),
-            ) {
-                break;
-            }
-        }
-        reply.ok();
+        self.read_dir(ino, fh, offset, reply);
     }
 
     fn releasedir(
