@@ -322,18 +322,14 @@ fn note_unsynced(unsynced: &mut Unsynced, op: &Op, seq: u64) {
 /// Makes everything applied so far durable, then advances the durable watermark.
 fn sync(shared: &Shared, unsynced: &mut Unsynced, watermarks: &Watermarks) {
     wait_behind(unsynced);
-    if unsynced.since.is_none() {
+    let since = unsynced.since;
+    let Some(job) = SyncJob::take(&shared.tree, unsynced) else {
         return;
+    };
+    if let Err(paths) = job.run(shared, watermarks) {
+        unsynced.paths.extend(paths);
+        unsynced.since = since;
     }
-    let paths = std::mem::take(&mut unsynced.paths);
-    if let Err(e) = Targets::of(&shared.tree, &paths).sync(&shared.tree) {
-        // Not durable: the watermark stays, so PRIM keeps its intents.
-        tracing::warn!("syncing the copy failed: {e}");
-        unsynced.paths = paths;
-        return;
-    }
-    unsynced.since = None;
-    advance_durable(shared, watermarks, unsynced.last_seq);
 }
 
 /// The periodic sync, on a thread beside the applier: applying goes on while the disk
@@ -352,23 +348,45 @@ fn sync_behind<'scope, 'env>(
         return;
     }
     wait_behind(unsynced);
-    if unsynced.since.is_none() {
-        return;
+    if let Some(job) = SyncJob::take(&shared.tree, unsynced) {
+        unsynced.behind = Some(scope.spawn(move || job.run(shared, watermarks)));
     }
-    let paths = std::mem::take(&mut unsynced.paths);
-    let targets = Targets::of(&shared.tree, &paths);
-    let seq = unsynced.last_seq;
-    unsynced.since = None;
-    unsynced.behind = Some(scope.spawn(move || match targets.sync(&shared.tree) {
-        Ok(()) => {
-            advance_durable(shared, watermarks, seq);
-            Ok(())
+}
+
+/// One sync: what was applied since the last one, its files already opened.
+struct SyncJob {
+    paths: BTreeSet<RelPath>,
+    targets: Targets,
+    /// Durable once the targets are synced.
+    seq: u64,
+}
+
+impl SyncJob {
+    /// Takes what `unsynced` holds; `None` when nothing was applied since the last sync.
+    fn take(tree: &Tree, unsynced: &mut Unsynced) -> Option<SyncJob> {
+        unsynced.since.take()?;
+        let paths = std::mem::take(&mut unsynced.paths);
+        Some(SyncJob {
+            targets: Targets::of(tree, &paths),
+            paths,
+            seq: unsynced.last_seq,
+        })
+    }
+
+    /// Syncs and advances the durable watermark; a failure hands the paths back.
+    fn run(self, shared: &Shared, watermarks: &Watermarks) -> Result<(), BTreeSet<RelPath>> {
+        match self.targets.sync(&shared.tree) {
+            Ok(()) => {
+                advance_durable(shared, watermarks, self.seq);
+                Ok(())
+            }
+            Err(e) => {
+                // Not durable: the watermark stays, so PRIM keeps its intents.
+                tracing::warn!("syncing the copy failed: {e}");
+                Err(self.paths)
+            }
         }
-        Err(e) => {
-            tracing::warn!("syncing the copy failed: {e}");
-            Err(paths)
-        }
-    }));
+    }
 }
 
 /// Waits for the periodic sync under way, if any: whatever syncs next covers what it
