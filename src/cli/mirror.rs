@@ -152,9 +152,10 @@ pub async fn run(command: &MirrorCommand) -> anyhow::Result<ExitCode> {
             });
             until_signal().await?;
             let status = prim.status();
-            prim.stop();
+            let released = prim.stop();
             printer.abort();
             emit(serde_json::json!({"event": "stopped", "status": status}));
+            released.context("stop PRIM")?;
             Ok(ExitCode::SUCCESS)
         }
         MirrorCommand::Second(args) => {
@@ -171,7 +172,7 @@ pub async fn run(command: &MirrorCommand) -> anyhow::Result<ExitCode> {
                 &args.listen,
             )
             .context("start SECOND")?;
-            second.fence(args.epoch);
+            second.fence(args.epoch).context("record the epoch")?;
             emit(serde_json::json!({"event": "listening", "addr": second.addr().to_string()}));
             until_signal().await?;
             emit(serde_json::json!({"event": "stopped", "status": second.status()}));

@@ -34,6 +34,8 @@ const CF_DIRTY: &str = "dirty";
 const CF_JOURNAL: &str = "journal";
 const CF_META: &str = "meta";
 const KEY_SYNC_POINT: &[u8] = b"sync_point";
+/// The oldest mirror epoch this node accepts a PRIM of (SECOND's fence).
+const KEY_MIN_EPOCH: &[u8] = b"min_epoch";
 const KEY_JOURNAL_OVERFLOW: &[u8] = b"journal_overflow";
 
 /// Journal entries kept at most; beyond, renames are no longer replayed and the paths
@@ -302,6 +304,18 @@ impl ReplicationBook {
     /// Renames the marks of `from` and everything under it to `to`, in both sets, so
     /// that marks follow the data. On disk when this returns.
     pub fn rename(&self, from: &[u8], to: &[u8]) -> Result<(), BookError> {
+        self.reroot_marks(from, to, false)
+    }
+
+    /// Copies the marks of `from` and everything under it to `to`, in both sets: taken
+    /// before a rename is applied, so that a crash before [`ReplicationBook::rename`]
+    /// still finds the data's marks under the name it has by then. On disk when this
+    /// returns.
+    pub fn copy_marks(&self, from: &[u8], to: &[u8]) -> Result<(), BookError> {
+        self.reroot_marks(from, to, true)
+    }
+
+    fn reroot_marks(&self, from: &[u8], to: &[u8], keep: bool) -> Result<(), BookError> {
         let mut batch = WriteBatch::default();
         for kind in [MarkKind::Intent, MarkKind::Dirty] {
             let family = cf(&self.db, kind.family());
@@ -318,7 +332,9 @@ impl ReplicationBook {
                     continue;
                 }
                 let moved = reroot(&path, from, to);
-                batch.delete_cf(family, &key);
+                if !keep {
+                    batch.delete_cf(family, &key);
+                }
                 match zone {
                     Some(zone) => batch.put_cf(family, zone_key(&moved, zone), []),
                     None => batch.put_cf(family, &moved, []),
@@ -405,6 +421,33 @@ impl ReplicationBook {
         let (point, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
             .map_err(|e| BookError::Corrupt(format!("sync point: {e}")))?;
         Ok(Some(point))
+    }
+
+    /// The oldest epoch SECOND accepts frames of; 0 when never fenced.
+    pub fn min_epoch(&self) -> Result<u64, BookError> {
+        match self.db.get_cf(cf(&self.db, CF_META), KEY_MIN_EPOCH)? {
+            None => Ok(0),
+            Some(bytes) => {
+                let bytes: [u8; 8] = bytes[..]
+                    .try_into()
+                    .map_err(|_| BookError::Corrupt("min epoch is not a u64".into()))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    /// Records the oldest epoch accepted; on disk when this returns. Never lowers it.
+    pub fn raise_min_epoch(&self, epoch: u64) -> Result<u64, BookError> {
+        let current = self.min_epoch()?;
+        if epoch > current {
+            self.db.put_cf_opt(
+                cf(&self.db, CF_META),
+                KEY_MIN_EPOCH,
+                epoch.to_be_bytes(),
+                &synced(),
+            )?;
+        }
+        Ok(current.max(epoch))
     }
 
     /// Records (or with `None` forgets) the sync point; on disk when this returns.
@@ -539,5 +582,31 @@ mod tests {
         assert!(is_within(b"anything", b""));
         assert_eq!(reroot(b"d/x", b"d", b"e/f"), b"e/f/x");
         assert_eq!(reroot(b"d", b"d", b"e"), b"e");
+    }
+
+    #[test]
+    fn the_oldest_accepted_epoch_survives_a_restart_and_never_goes_down() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let book = ReplicationBook::open(dir.path()).unwrap();
+            assert_eq!(book.min_epoch().unwrap(), 0);
+            assert_eq!(book.raise_min_epoch(7).unwrap(), 7);
+            assert_eq!(book.raise_min_epoch(3).unwrap(), 7);
+        }
+        let book = ReplicationBook::open(dir.path()).unwrap();
+        assert_eq!(book.min_epoch().unwrap(), 7);
+    }
+
+    #[test]
+    fn copied_marks_stay_under_both_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = ReplicationBook::open(dir.path()).unwrap();
+        book.add(MarkKind::Intent, &marks(&[("d/f", 3)], &["d/g"]))
+            .unwrap();
+        book.copy_marks(b"d", b"e").unwrap();
+        assert_eq!(
+            book.marks(MarkKind::Intent).unwrap(),
+            marks(&[("d/f", 3), ("e/f", 3)], &["d/g", "e/g"])
+        );
     }
 }

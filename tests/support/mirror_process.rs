@@ -1,5 +1,5 @@
 //! A `rampart mirror prim|second` process for tests and benchmarks: its JSON event lines
-//! are collected with the time they were printed; killed (and its mount removed) on
+//! are collected with the time they were printed; killed, and its mounts removed, on
 //! drop, whether the caller passed or not.
 //!
 //! Included with `#[path]` by `tests/mirror.rs` and `benches/mirror.rs`.
@@ -76,21 +76,39 @@ impl MirrorProcess {
         self.kill();
     }
 
+    /// SIGKILL, and the mount it left removed.
     pub fn kill(&mut self) {
+        self.crash();
+        self.remove_mounts();
+    }
+
+    /// SIGKILL, leaving its mount behind as a crash does, for the next run to clean up.
+    pub fn crash(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .stderr(Stdio::null())
-            .status();
+    }
+
+    /// Lazily unmounts whatever is stacked on the directory (bounded: a few mounts at most).
+    fn remove_mounts(&self) {
+        for _ in 0..8 {
+            let removed = Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status();
+            if !matches!(removed, Ok(status) if status.success()) {
+                return;
+            }
+        }
     }
 }
 
 impl Drop for MirrorProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            self.kill();
+            self.crash();
         }
+        // A crashed process's mounts, or what a later one of the same directory left.
+        self.remove_mounts();
     }
 }

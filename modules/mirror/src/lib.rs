@@ -6,11 +6,13 @@
 //! - [`second`]: SECOND's receiver and applier, behind a read-only bind mount.
 //! - [`prim`]: PRIM's FUSE interception, replication engine and reintegration.
 //! - `io_thread`: each role's network I/O on a runtime thread of its own.
+//! - `leftovers`: the mounts a killed predecessor left over the directory.
 //!
 //! Bookkeeping (intents, dirty zones, journal, sync point) lives in
 //! [`rampart_storage::ReplicationBook`].
 
 mod io_thread;
+mod leftovers;
 pub mod prim;
 pub mod protocol;
 pub mod second;

@@ -156,11 +156,13 @@ pub enum Op {
         path: RelPath,
         meta: Meta,
     },
-    /// Reintegration: one zone's current bytes at `offset` (data), then the file is
-    /// set to `size` bytes.
+    /// Reintegration: one zone's current bytes at `offset` (data), then `zeros` bytes
+    /// of zeros (a hole on PRIM, sent as a length), then the file is set to `size`
+    /// bytes.
     Zone {
         path: RelPath,
         offset: u64,
+        zeros: u64,
         size: u64,
     },
 }
@@ -220,11 +222,13 @@ pub enum Answer {
 /// PRIM → SECOND.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Down {
-    /// First message of a session.
+    /// First message of a session. PRIM sends something at least every quarter of
+    /// `link_timeout_ms`: SECOND ends a session silent for twice that.
     Hello {
         epoch: u64,
         zone_size: u64,
         sync_point: Option<SyncPoint>,
+        link_timeout_ms: u64,
     },
     /// Renames and links made while SECOND was away, replayed best-effort before the
     /// live stream resumes (a failure is fine: the paths are reconciled afterwards).
@@ -250,7 +254,9 @@ pub enum Down {
         point: SyncPoint,
     },
     /// Liveness when idle; answered by an `Ack`.
-    Ping,
+    Ping {
+        epoch: u64,
+    },
 }
 
 /// SECOND → PRIM.

@@ -83,11 +83,14 @@ async fn a_write_that_fails_on_prim_is_taken_back_on_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_whose_disk_filled_converges_once_there_is_room_again() {
-    let mut disk = SmallDisk::new(AckMode::Write, "b", "4m");
+async fn a_write_second_cannot_store_waits_until_second_holds_it() {
+    let mut disk = SmallDisk::new(AckMode::Durable, "b", "4m");
     let pair = &mut disk.pair;
     let addr = pair.start_second("b", "127.0.0.1:0");
-    pair.start_prim(pair.prim_config("a", addr, 1));
+    let mut config = pair.prim_config("a", addr, 1);
+    // As the mirror module runs it: nothing goes on alone without a decision.
+    config.continue_alone = false;
+    pair.start_prim(config);
     pair.wait_synced().await;
     let (a, b) = (pair.dir("a"), pair.dir("b"));
     blocking({
@@ -96,28 +99,37 @@ async fn a_second_whose_disk_filled_converges_once_there_is_room_again() {
     })
     .await;
 
-    // PRIM's disk has room, SECOND's does not: the write succeeds on PRIM and PRIM is
-    // told that SECOND diverged.
-    blocking({
+    // PRIM's disk has room, SECOND's does not: SECOND is not up to date, so the write
+    // does not return, however often PRIM reconnects and tries to repair the copy.
+    let writer = tokio::task::spawn_blocking({
         let a = a.clone();
-        move || std::fs::write(a.join("data"), vec![2u8; 2 << 20]).unwrap()
-    })
-    .await;
-    pair.wait_event(Duration::from_secs(10), |e| {
-        matches!(e, rampart_mirror::prim::Event::Diverged { .. })
-    })
-    .await;
+        move || std::fs::write(a.join("data"), vec![2u8; 2 << 20])
+    });
+    let lost = pair
+        .wait_event(Duration::from_secs(10), |e| {
+            matches!(e, rampart_mirror::prim::Event::PeerLost { .. })
+        })
+        .await;
+    assert!(format!("{lost:?}").contains("No space left"), "{lost:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !writer.is_finished(),
+        "a write SECOND could not store returned"
+    );
 
-    // Room again on SECOND: the same session reconciles the file.
-    blocking({
-        let a = a.clone();
-        move || std::fs::remove_file(a.join("filler")).unwrap()
-    })
-    .await;
-    pair.wait_event(Duration::from_secs(30), |e| {
-        matches!(e, rampart_mirror::prim::Event::Synced { .. })
-    })
-    .await;
+    // Room again on SECOND: a session repairs the copy and only then the write returns.
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,rw,size=16m"])
+        .arg(&b)
+        .status()
+        .unwrap();
+    assert!(status.success(), "grow the tmpfs");
+    let written = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the write returned once SECOND had room")
+        .unwrap();
+    written.unwrap();
+    assert_eq!(std::fs::read(b.join("data")).unwrap(), vec![2u8; 2 << 20]);
     converge(&a, &b, Duration::from_secs(5)).await;
     assert!(pair.prim.as_ref().unwrap().status().connected);
 }
@@ -295,4 +307,166 @@ async fn a_second_whose_disk_pauses_throttles_prim_without_being_lost() {
     assert!(disk.pair.prim.as_ref().unwrap().status().connected);
     let (a, b) = (disk.pair.dir("a"), disk.pair.dir("b"));
     converge(&a, &b, Duration::from_secs(30)).await;
+}
+
+/// SECOND's copy on an ext4 image (no journal) kept on a small tmpfs: the file system
+/// has room, the device under it does not, so writeback fails and fsync reports it
+/// once. A later fsync on a fresh descriptor then reports success for pages the kernel
+/// dropped (PostgreSQL's "fsyncgate").
+struct FailingDevice {
+    pair: Pair,
+    backing: std::path::PathBuf,
+    image: std::path::PathBuf,
+}
+
+impl FailingDevice {
+    fn new(ack: AckMode) -> FailingDevice {
+        let pair = Pair::new(ack);
+        let backing = pair.root.path().join("b-device");
+        std::fs::create_dir(&backing).unwrap();
+        run(
+            "mount",
+            &[
+                "-t".as_ref(),
+                "tmpfs".as_ref(),
+                "-o".as_ref(),
+                "size=16m".as_ref(),
+                "tmpfs".as_ref(),
+                backing.as_os_str(),
+            ],
+        );
+        let image = backing.join("b.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let device = FailingDevice {
+            pair,
+            backing,
+            image,
+        };
+        run(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-O".as_ref(),
+                "^has_journal".as_ref(),
+                device.image.as_os_str(),
+            ],
+        );
+        device.mount_copy();
+        std::fs::remove_dir(device.pair.dir("b").join("lost+found")).unwrap();
+        device
+    }
+
+    fn mount_copy(&self) {
+        let dir = self.pair.dir("b");
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                self.image.as_os_str(),
+                dir.as_os_str(),
+            ],
+        );
+    }
+
+    fn unmount(dir: &std::path::Path) {
+        let status = std::process::Command::new("umount").arg(dir).status();
+        if !status.is_ok_and(|s| s.success()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(dir)
+                .status();
+        }
+    }
+
+    /// Room on the device again.
+    fn grow(&self) {
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "remount,size=256m".as_ref(),
+                self.backing.as_os_str(),
+            ],
+        );
+    }
+}
+
+impl Drop for FailingDevice {
+    fn drop(&mut self) {
+        drop(self.pair.prim.take());
+        drop(self.pair.second.take());
+        Self::unmount(&self.pair.dir("b"));
+        Self::unmount(&self.backing);
+    }
+}
+
+// Fails today: SECOND's syncs now fail their session and never advance the durable
+// watermark past a failed one (the fix this test was written for), yet MiB 16 reads
+// as zeros from SECOND's disk at the end. Left open on issue 14 (see its note).
+#[ignore = "finds a loss not yet explained: issue 14"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_on_second_is_never_taken_for_durable() {
+    let mut device = FailingDevice::new(AckMode::Durable);
+    let pair = &mut device.pair;
+    let addr = pair.start_second("b", "127.0.0.1:0");
+    let mut config = pair.prim_config("a", addr, 1);
+    config.continue_alone = false;
+    pair.start_prim(config);
+    pair.wait_synced().await;
+    let a = pair.dir("a");
+
+    // 30 MiB, each write durable on SECOND before it returns: the device fills at
+    // about 16 MiB and SECOND's sync fails. That write, and the rest, wait.
+    let writer = tokio::task::spawn_blocking({
+        let a = a.clone();
+        move || {
+            use std::io::Write;
+            let mut file = std::fs::File::create(a.join("big"))?;
+            for i in 0..30u8 {
+                file.write_all(&vec![i + 1; 1 << 20])?;
+            }
+            file.sync_all()
+        }
+    });
+    let lost = pair
+        .wait_event(Duration::from_secs(30), |e| {
+            matches!(e, rampart_mirror::prim::Event::PeerLost { .. })
+        })
+        .await;
+    assert!(format!("{lost:?}").contains("sync failed"), "{lost:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !writer.is_finished(),
+        "a write SECOND failed to sync returned"
+    );
+
+    // Room again: a new session resends what SECOND never held durably.
+    device.grow();
+    tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .expect("the writer went on once SECOND could sync")
+        .unwrap()
+        .unwrap();
+    let pair = &mut device.pair;
+    drop(pair.prim.take());
+    drop(pair.second.take());
+    // What SECOND's disk holds, not its page cache.
+    let b = pair.dir("b");
+    FailingDevice::unmount(&b);
+    device.mount_copy();
+    let copy = std::fs::read(b.join("big")).unwrap();
+    assert_eq!(copy.len(), 30 << 20);
+    for (i, chunk) in copy.chunks(1 << 20).enumerate() {
+        let wrong = chunk.iter().position(|&x| x != i as u8 + 1);
+        assert!(
+            wrong.is_none(),
+            "MiB {i} of SECOND's copy is not what PRIM acknowledged: at +{wrong:?}, {:?}",
+            wrong.map(|w| chunk[w])
+        );
+    }
 }

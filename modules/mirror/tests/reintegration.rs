@@ -15,6 +15,15 @@ fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) {
     f.write_all_at(data, offset).unwrap();
 }
 
+/// truncate(2): by path, with no open handle (setattr without a file handle).
+fn truncate_path(path: &std::path::Path, size: i64) {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let result = unsafe { libc::truncate(path.as_ptr(), size) };
+    assert_eq!(result, 0, "truncate: {}", std::io::Error::last_os_error());
+}
+
 fn synced_bytes(event: &rampart_mirror::prim::Event) -> u64 {
     match event {
         rampart_mirror::prim::Event::Synced { bytes_sent, .. } => *bytes_sent,
@@ -94,6 +103,91 @@ async fn a_full_sync_of_mostly_equal_trees_sends_only_differing_zones() {
     let sent = synced_bytes(&pair.wait_synced().await);
     assert_eq!(sent, 2 * zone as u64 + (zone / 2) as u64);
     assert_same_trees(&pair.dir("a"), &pair.dir("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_cut_and_regrown_while_second_is_away_reads_as_zeros_on_second() {
+    let mut pair = Pair::in_step(AckMode::Write).await;
+    let a = pair.dir("a");
+    blocking({
+        let a = a.clone();
+        move || std::fs::write(a.join("f"), vec![0x11; 5 << 20]).unwrap()
+    })
+    .await;
+    // SECOND holds the 5 MiB; it goes away and PRIM cuts the file to 1 MiB and grows
+    // it back to 5 MiB: zeros on PRIM from 1 MiB on.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let addr = pair.second.as_ref().unwrap().addr();
+    drop(pair.second.take());
+    blocking({
+        let a = a.clone();
+        move || {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(a.join("f"))
+                .unwrap();
+            f.set_len(1 << 20).unwrap();
+            f.set_len(5 << 20).unwrap();
+            // And the same by path, on a second file, with no handle open.
+            std::fs::write(a.join("g"), vec![0x22; 3 << 20]).unwrap();
+        }
+    })
+    .await;
+    pair.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, rampart_mirror::prim::Event::PeerLost { .. })
+    })
+    .await;
+    pair.start_second("b", &addr.to_string());
+    let sent = synced_bytes(&pair.wait_synced().await);
+    let b = pair.dir("b");
+    let copy = std::fs::read(b.join("f")).unwrap();
+    assert_eq!(copy.len(), 5 << 20);
+    assert!(copy[..1 << 20].iter().all(|&x| x == 0x11));
+    let stale = copy[1 << 20..].iter().filter(|&&x| x != 0).count();
+    assert_eq!(stale, 0, "bytes of SECOND's old copy in the regrown range");
+    // The regrown range is a hole on PRIM: it crossed the link as lengths.
+    assert!(sent <= (3 << 20) + (64 << 10), "sent {sent} bytes");
+
+    // Cut and regrown by path (truncate(2), no open handle) while SECOND is away again.
+    drop(pair.second.take());
+    blocking({
+        let a = a.clone();
+        move || {
+            truncate_path(&a.join("g"), 64 << 10);
+            truncate_path(&a.join("g"), 3 << 20);
+        }
+    })
+    .await;
+    pair.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, rampart_mirror::prim::Event::PeerLost { .. })
+    })
+    .await;
+    pair.start_second("b", &addr.to_string());
+    pair.wait_synced().await;
+    assert_same_trees(&a, &b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_sets_a_symlinks_attributes_on_the_link_not_its_target() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pair = Pair::new(AckMode::Write);
+    let a = pair.dir("a");
+    std::fs::write(a.join("a-file"), b"secret").unwrap();
+    std::fs::set_permissions(a.join("a-file"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("a-file", a.join("z-link")).unwrap();
+    let addr = pair.start_second("b", "127.0.0.1:0");
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+    let mode = std::fs::metadata(pair.dir("b").join("a-file"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o7777,
+        0o600,
+        "the symlink's mode went to its target"
+    );
+    assert_same_trees(&a, &pair.dir("b"));
 }
 
 /// SECOND goes away; PRIM writes `files` files of 1 MiB alone. Returns the bytes changed.

@@ -22,7 +22,12 @@ async fn changes_through_the_mount_reach_second() {
         std::fs::set_permissions(a.join("g"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink("d/f", a.join("s")).unwrap();
         std::fs::rename(a.join("g"), a.join("d/g")).unwrap();
-        std::fs::hard_link(a.join("d/f"), a.join("h")).unwrap();
+        let refused = std::fs::hard_link(a.join("d/f"), a.join("h")).unwrap_err();
+        assert_eq!(
+            refused.raw_os_error(),
+            Some(libc::EPERM),
+            "hard links are refused"
+        );
         xattr_set(&a.join("d/f"), "user.k", b"v");
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -34,7 +39,7 @@ async fn changes_through_the_mount_reach_second() {
     .await;
     // `write` mode: everything returned has been received; give the applier a moment.
     let (a, b) = (pair.dir("a"), pair.dir("b"));
-    assert!(converge(&a, &b, Duration::from_secs(5)).await >= 5);
+    assert!(converge(&a, &b, Duration::from_secs(5)).await >= 4);
     // SECOND's copy is read-only to applications.
     let err = std::fs::write(pair.dir("b").join("x"), b"no").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
@@ -70,13 +75,16 @@ async fn every_mix_of_open_modes_reads_what_the_others_wrote() {
         assert_eq!(read(&reader, 4096), [1; 4]);
         writer.write_all_at(b"two!", 4096).unwrap();
         assert_eq!(read(&reader, 4096), *b"two!");
-        // A read-write open joining them reads and writes the same file; nothing it
-        // read stays cached under the writer's next write.
+        // A read-write open joining the writer (once the passthrough reader is closed:
+        // see the next test) reads and writes the same file; nothing it read stays
+        // cached under the writer's next write.
+        drop(reader);
         let both = open(true, true);
         assert_eq!(read(&both, 4096), *b"two!");
         writer.write_all_at(b"wow!", 4096).unwrap();
         assert_eq!(read(&both, 4096), *b"wow!");
         both.write_all_at(b"tri!", 8192).unwrap();
+        let reader = open(false, true);
         assert_eq!(read(&reader, 8192), *b"tri!");
         drop((writer, reader, both));
         // Cached first: a read-write open reads (the kernel caches the page), then a
@@ -97,6 +105,54 @@ async fn every_mix_of_open_modes_reads_what_the_others_wrote() {
         (&copy[0..4], &copy[4096..4100], &copy[8192..8196]),
         (&b"for!"[..], &b"wow!"[..], &b"tri!"[..])
     );
+}
+
+/// A read-only open passes through to the real file, and the kernel then requires
+/// every open of that file to pass through, mapping a shared writable mmap straight
+/// onto the real file: so a writable open beside it is refused (`ETXTBSY`), and once
+/// the readers are gone, writes through a shared mapping reach SECOND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_writable_mapping_never_bypasses_replication() {
+    let pair = Pair::in_step(AckMode::Durable).await;
+    let path = pair.dir("a").join("mapped");
+    blocking(move || {
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let reader = std::fs::File::open(&path).unwrap();
+        let open_rw = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+        };
+        let refused = open_rw().unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::ETXTBSY), "{refused}");
+        drop(reader);
+
+        let file = open_rw().unwrap();
+        let len = 1 << 20;
+        // SAFETY: a fresh shared mapping of a file of `len` bytes, unmapped below.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+            std::ptr::write_bytes(map.cast::<u8>().add(4096), 0xAB, 8192);
+            assert_eq!(libc::msync(map, len, libc::MS_SYNC), 0);
+            assert_eq!(libc::munmap(map, len), 0);
+        }
+        file.sync_all().unwrap();
+    })
+    .await;
+    // Durable mode: the fsync returned, so SECOND holds the mapped writes on its disk.
+    let copy = std::fs::read(pair.dir("b").join("mapped")).unwrap();
+    assert!(copy[4096..4096 + 8192].iter().all(|&x| x == 0xAB));
+    assert!(copy[..4096].iter().all(|&x| x == 0));
 }
 
 /// `fsync` mode: writes stream without waiting, and an fsync returns once SECOND
@@ -214,15 +270,19 @@ pub fn xattr_get(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
 }
 
 pub fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
+    xattr_set_result(path, name, value).unwrap_or_else(|e| panic!("setxattr {name}: {e}"));
+}
+
+fn xattr_set_result(path: &std::path::Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     rustix::fs::setxattr(path, name, value, rustix::fs::XattrFlags::empty())
-        .unwrap_or_else(|e| panic!("setxattr {name}: {e}"));
+        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_refuses_a_prim_of_an_older_epoch() {
     let mut pair = Pair::new(AckMode::Write);
     let addr = pair.start_second("b", "127.0.0.1:0");
-    pair.second.as_ref().unwrap().fence(5);
+    pair.second.as_ref().unwrap().fence(5).unwrap();
     pair.start_prim(pair.prim_config("a", addr, 4));
     let status = pair.prim.as_ref().unwrap().status();
     assert!(!status.connected);
@@ -289,4 +349,72 @@ async fn converge_except_scratch(a: &std::path::Path, b: &std::path::Path) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// What an acknowledgement promises, checked at the moment it is given: SECOND,
+/// stopped with a drain right after the write (or, in `fsync` mode, the fsync)
+/// returned, holds it in its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_drained_right_after_an_acknowledgement_holds_what_was_acknowledged() {
+    for ack in [AckMode::Write, AckMode::Fsync, AckMode::Durable] {
+        let mut pair = Pair::in_step(ack).await;
+        let path = pair.dir("a").join("acked");
+        let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+        blocking({
+            let data = data.clone();
+            move || {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&path).unwrap();
+                file.write_all(&data).unwrap();
+                if ack == AckMode::Fsync {
+                    file.sync_all().unwrap();
+                }
+            }
+        })
+        .await;
+        let drained = pair.second.take().unwrap().stop_and_drain();
+        assert!(drained.durable <= drained.applied, "{drained:?}");
+        let copy = std::fs::read(pair.dir("b").join("acked")).unwrap();
+        assert!(
+            copy == data,
+            "{ack:?}: SECOND's copy lacks what was acknowledged"
+        );
+    }
+}
+
+/// A file that already had two names when the directory was mounted cannot be changed
+/// through either (the change would reach SECOND under one name only); it can be read,
+/// renamed and unlinked, and once it has one name left it is an ordinary file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_with_several_hard_links_are_read_only_until_one_name_is_left() {
+    let mut pair = Pair::new(AckMode::Write);
+    let a = pair.dir("a");
+    std::fs::write(a.join("one"), b"shared inode").unwrap();
+    std::fs::hard_link(a.join("one"), a.join("two")).unwrap();
+    let addr = pair.start_second("b", "127.0.0.1:0");
+    pair.start_prim(pair.prim_config("a", addr, 1));
+    pair.wait_synced().await;
+    blocking(move || {
+        let emlink = |result: std::io::Result<()>| {
+            assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::EMLINK));
+        };
+        assert_eq!(std::fs::read(a.join("two")).unwrap(), b"shared inode");
+        emlink(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(a.join("one"))
+                .map(drop),
+        );
+        emlink(std::fs::set_permissions(
+            a.join("two"),
+            std::fs::Permissions::from_mode(0o600),
+        ));
+        emlink(xattr_set_result(&a.join("one"), "user.k", b"v"));
+        std::fs::remove_file(a.join("two")).unwrap();
+        std::fs::write(a.join("one"), b"its own file now").unwrap();
+    })
+    .await;
+    let (a, b) = (pair.dir("a"), pair.dir("b"));
+    converge(&a, &b, Duration::from_secs(5)).await;
+    assert_eq!(std::fs::read(b.join("one")).unwrap(), b"its own file now");
 }

@@ -21,9 +21,29 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
 /// Keeps a session up whenever the peer is reachable, until `stop` fires.
 pub(crate) async fn run(engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    // Dropped with this future (the I/O thread's stop).
+    let _lease = AbortOnDrop(tokio::spawn(watch_lease(engine.clone())));
+    let started = tokio::time::Instant::now();
+    let mut absent_reported = false;
     loop {
         if *stop.borrow() {
             return;
+        }
+        engine.expire_parked();
+        if !absent_reported
+            && engine.is_current(0)
+            && started.elapsed() >= engine.config.link_timeout
+        {
+            // Never connected: the caller decides as after a loss (session 0).
+            absent_reported = true;
+            tracing::warn!(
+                "no replication peer within {:?}",
+                engine.config.link_timeout
+            );
+            engine.event(Event::PeerAbsent { session: 0 });
+            if engine.config.continue_alone {
+                let _ = engine.go_alone(0);
+            }
         }
         let phase = engine.phase();
         if phase != Phase::Streaming && phase != Phase::Fenced {
@@ -42,6 +62,34 @@ pub(crate) async fn run(engine: Arc<Engine>, mut stop: tokio::sync::watch::Recei
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Fences the engine when its lease runs out. Acknowledgements already stop at the
+/// deadline by themselves ([`Engine::may_acknowledge`]); this fails what waits.
+async fn watch_lease(engine: Arc<Engine>) {
+    const CHECK_EVERY: Duration = Duration::from_millis(20);
+    loop {
+        match engine.lease_deadline() {
+            Some(deadline) if std::time::Instant::now() >= deadline => {
+                engine.fence("the PRIM lease ran out");
+                return;
+            }
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                tokio::time::sleep(left.min(CHECK_EVERY)).await;
+            }
+            None => tokio::time::sleep(CHECK_EVERY).await,
+        }
+    }
+}
+
 async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
     let config = &engine.config;
     let channel = SecureChannel::connect(&config.peer, &config.key, config.link_timeout)
@@ -54,9 +102,10 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
     } = channel;
     let sync_point = engine.book.sync_point().map_err(|e| e.to_string())?;
     let hello = Down::Hello {
-        epoch: config.epoch,
+        epoch: engine.epoch(),
         zone_size: config.zone_size,
         sync_point,
+        link_timeout_ms: config.link_timeout.as_millis() as u64,
     };
     writer
         .send(protocol::encode(&hello, &[]))
@@ -86,6 +135,7 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tracing::info!(%peer, incremental, "replication session started");
     engine.event(Event::PeerConnected {
+        session,
         incremental,
         peer: peer.clone(),
     });
@@ -125,12 +175,12 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
                         engine.on_ack(session, received, durable)
                     }
                     Ok((Up::Failed { path, error, .. }, _)) => {
-                        engine.on_heard(session);
-                        // Waits for the order lock: off this thread (see the watchdog),
-                        // yet before the next message, whose ack must find it recorded.
+                        // Waits for the order lock: off this thread (see the watchdog).
+                        // The session ends with it; nothing after it is read.
                         let engine = engine.clone();
-                        let failed = move || engine.on_failed(&path, &error);
+                        let failed = move || engine.on_failed(session, &path, &error);
                         let _ = tokio::task::spawn_blocking(failed).await;
+                        return;
                     }
                     Ok((Up::Answer { seq, answer }, _)) => engine.on_answer(session, seq, answer),
                     Ok((other, _)) => {
@@ -147,7 +197,12 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
     };
     let watchdog = {
         let engine = engine.clone();
-        let ping = protocol::encode(&Down::Ping, &[]);
+        let ping = protocol::encode(
+            &Down::Ping {
+                epoch: engine.epoch(),
+            },
+            &[],
+        );
         tokio::spawn(async move {
             let period = engine.config.link_timeout / 4;
             let mut cleanup = tokio::time::interval(Duration::from_secs(1));
@@ -179,21 +234,10 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
         })
     };
 
-    // Reintegration runs beside the live stream, on its own thread; again whenever
-    // SECOND fails to apply a change later in the session (a full disk, say), so the
-    // copy converges once SECOND can take it, without waiting for a reconnection.
+    // Reintegration runs beside the live stream, on its own thread. A change SECOND
+    // fails to apply later (a full disk, say) ends the session; the next one repairs it.
     reintegrate(engine, session, !incremental).await;
-    let mut receiver = receiver;
-    loop {
-        tokio::select! {
-            _ = &mut receiver => break,
-            _ = engine.diverged.notified() => {
-                if !engine.dirty().is_empty() {
-                    reintegrate(engine, session, false).await;
-                }
-            }
-        }
-    }
+    let _ = receiver.await;
     sender.abort();
     watchdog.abort();
     Ok(())
@@ -206,7 +250,13 @@ async fn reintegrate(engine: &Arc<Engine>, session: u64, full: bool) {
     };
     match copier.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("reintegration stopped: {e}"),
+        Ok(Err(reason)) => {
+            tracing::warn!("reintegration stopped: {reason}");
+            // Not when the session ended under it: that loss is reported as such.
+            if engine.is_current(session) {
+                engine.event(Event::ResyncFailed { session, reason });
+            }
+        }
         Err(e) => tracing::error!("reintegration panicked: {e}"),
     }
 }

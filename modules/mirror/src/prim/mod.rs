@@ -23,8 +23,10 @@ pub use engine::Phase;
 pub use resync::ResyncProgress;
 
 use crate::protocol::RelPath;
-use crate::tree::Tree;
 use crate::{AckMode, MirrorError};
+
+/// The default of [`PrimConfig::park_timeout`]: far beyond a failover decision.
+pub const PARK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How PRIM is set up.
 #[derive(Clone, Debug)]
@@ -54,6 +56,9 @@ pub struct PrimConfig {
     pub continue_alone: bool,
     /// Serve read-only opens through FUSE passthrough when the kernel allows it.
     pub passthrough: bool,
+    /// An application call waiting for a decision about a lost peer (continue alone
+    /// or stop) fails with `EIO` after this long.
+    pub park_timeout: Duration,
 }
 
 impl PrimConfig {
@@ -73,6 +78,7 @@ impl PrimConfig {
             not_replicated: Vec::new(),
             continue_alone: false,
             passthrough: true,
+            park_timeout: PARK_TIMEOUT,
         }
     }
 }
@@ -87,6 +93,12 @@ pub struct PrimStatus {
     pub durable: u64,
     pub resync: Option<ResyncProgress>,
     pub last_error: Option<String>,
+    /// Bytes sent and not yet acknowledged as received.
+    pub bytes_in_flight: u64,
+    /// Application calls parked (waiting for a decision about the peer, or for the
+    /// reintegration), and how long the oldest has waited, in milliseconds.
+    pub parked: u64,
+    pub oldest_parked_ms: Option<u64>,
 }
 
 impl Default for PrimStatus {
@@ -98,39 +110,98 @@ impl Default for PrimStatus {
             durable: 0,
             resync: None,
             last_error: None,
+            bytes_in_flight: 0,
+            parked: 0,
+            oldest_parked_ms: None,
         }
     }
 }
 
-/// What the caller (the mirror module) is told.
+/// What the caller (the mirror module) is told. `session` numbers increase: a session
+/// is numbered when it starts, its loss with the next number, which
+/// [`Primary::go_alone`] takes so that a decision about one loss never applies to a
+/// later one.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     PeerConnected {
+        session: u64,
         incremental: bool,
         peer: String,
     },
-    /// The peer stopped acknowledging; writes wait until [`Primary::go_alone`] or
-    /// [`Primary::fence`].
-    PeerLost {
-        reason: String,
-    },
-    /// The peer holds everything: it is up to date again.
-    Synced {
-        bytes_sent: u64,
-        examined: u64,
-    },
-    /// SECOND failed to apply a change on `path`; it is being reconciled.
-    Diverged {
+    /// The peer stopped acknowledging, or failed to apply a change (its copy is not up
+    /// to date); writes wait until [`Primary::go_alone`] with this `session`, or
+    /// [`Primary::fence`], or the park timeout.
+    PeerLost { session: u64, reason: String },
+    /// No session for the link timeout since this PRIM started (the peer never came);
+    /// writes wait as after [`Event::PeerLost`], and `session` is what
+    /// [`Primary::go_alone`] takes.
+    PeerAbsent { session: u64 },
+    /// SECOND could not apply or sync a change on `path` in `session`: its copy is not
+    /// up to date. The session ends ([`Event::PeerLost`] follows); the next repairs it.
+    NotUpToDate {
+        session: u64,
         path: String,
         error: String,
     },
+    /// The peer holds everything: it is up to date again.
+    Synced {
+        session: u64,
+        bytes_sent: u64,
+        examined: u64,
+    },
+    /// Reintegration stopped with the session still up; it runs again with the next.
+    ResyncFailed { session: u64, reason: String },
+    /// This node no longer acts as PRIM: every waiting and later change fails.
+    Fenced { reason: String },
+}
+
+/// How long [`Primary::stop`] lets applications close their files after the unmount
+/// before it aborts the FUSE connection.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// The FUSE control file system, where each connection can be aborted.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// The number of the FUSE connection mounted at `dir` (its device number, as the
+/// kernel writes it in the control file system).
+fn fuse_connection(dir: &std::path::Path) -> Option<u64> {
+    let dev = rustix::fs::stat(dir).ok()?.st_dev;
+    let (major, minor) = (rustix::fs::major(dev) as u64, rustix::fs::minor(dev) as u64);
+    Some((major << 20) | minor)
+}
+
+/// Aborts a FUSE connection: every pending and later access to its mount fails with
+/// `ENOTCONN` and the session ends. Mounts the control file system if it is not.
+fn abort_fuse_connection(connection: u64) -> std::io::Result<()> {
+    let abort = std::path::Path::new(FUSECTL)
+        .join(connection.to_string())
+        .join("abort");
+    if !abort.exists() {
+        rustix::mount::mount(
+            "fusectl",
+            FUSECTL,
+            "fusectl",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
+    }
+    std::fs::write(abort, "1")
+}
+
+/// Proof that a stopped PRIM closed its book.
+#[derive(Debug)]
+pub struct BookReleased {
+    pub book: PathBuf,
 }
 
 /// A running PRIM. Dropping it unmounts and stops streaming.
 pub struct Primary {
     engine: Arc<engine::Engine>,
     session: Option<fuser::BackgroundSession>,
+    /// The FUSE connection's number, to abort it when stopping.
+    connection: Option<u64>,
     stop: tokio::sync::watch::Sender<bool>,
     link: crate::io_thread::IoThread,
     dir: PathBuf,
@@ -142,15 +213,16 @@ impl Primary {
     pub fn start(
         config: PrimConfig,
     ) -> Result<(Primary, amps::UnboundedReceiver<Event>), MirrorError> {
-        let tree = Tree::open(&config.dir).map_err(MirrorError::io("open the replicated dir"))?;
+        // The book first: its lock proves no live PRIM serves this directory.
         let book = ReplicationBook::open(&config.book)?;
+        let tree = crate::leftovers::open_tree_for_role(&config.dir)?;
         let (events_tx, events) = amps::unbounded_channel();
         let dir = config.dir.clone();
         let engine = Arc::new(engine::Engine::new(tree, book, config, events_tx)?);
         let mut options = fuser::Config::default();
         options.mount_options = vec![
-            fuser::MountOption::FSName("rampart-mirror".into()),
-            fuser::MountOption::Subtype("rampart".into()),
+            fuser::MountOption::FSName(crate::leftovers::FUSE_SOURCE.into()),
+            fuser::MountOption::Subtype(crate::leftovers::FUSE_SUBTYPE.into()),
             fuser::MountOption::DefaultPermissions,
             fuser::MountOption::Suid,
             fuser::MountOption::Dev,
@@ -162,6 +234,7 @@ impl Primary {
         let session = fuser::spawn_mount(fs, &dir, &options)
             .map_err(MirrorError::io("mount the interception file system"))?;
         let _ = notifier.set(session.notifier());
+        let connection = fuse_connection(&dir);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let link =
             crate::io_thread::IoThread::spawn("mirror-link", link::run(engine.clone(), stop_rx))
@@ -170,6 +243,7 @@ impl Primary {
             Primary {
                 engine,
                 session: Some(session),
+                connection,
                 stop,
                 link,
                 dir,
@@ -179,39 +253,103 @@ impl Primary {
     }
 
     pub fn status(&self) -> PrimStatus {
-        self.engine.status.lock().expect("status lock").clone()
+        let mut status = self.engine.status.lock().expect("status lock").clone();
+        let (parked, oldest) = self.engine.parked();
+        status.parked = parked as u64;
+        status.oldest_parked_ms = oldest.map(|age| age.as_millis() as u64);
+        status.bytes_in_flight = self.engine.bytes_in_flight() as u64;
+        status
     }
 
     /// Continue without the peer (after recording that it is not up to date).
-    pub fn go_alone(&self) {
-        self.engine.go_alone()
+    /// Continue without the peer after the loss numbered `session` (from
+    /// [`Event::PeerLost`] or [`Event::PeerAbsent`]), once the caller recorded that the
+    /// peer is not up to date. Parked writes return. Refused when that loss is no
+    /// longer the current state (the peer came back, or was lost again since).
+    pub fn go_alone(&self, session: u64) -> Result<(), MirrorError> {
+        self.engine.go_alone(session)
     }
 
-    /// Stop acting as PRIM: waiting and later changes fail.
-    pub fn fence(&self) {
-        self.engine.fence()
+    /// Stop acting as PRIM: waiting and later changes fail. Never waits for a change in
+    /// progress: what it sets is checked on every acknowledgement.
+    pub fn fence(&self, reason: &str) {
+        self.engine.fence(reason)
+    }
+
+    /// No change is acknowledged at or after `deadline` (the PRIM lease): past it the
+    /// engine fences itself. `None` for no lease.
+    pub fn set_lease_deadline(&self, deadline: Option<std::time::Instant>) {
+        self.engine.set_lease_deadline(deadline)
+    }
+
+    /// Takes a new mirror epoch: the current session ends and the next one, at once,
+    /// says `epoch` in its Hello and every frame.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.engine.set_epoch(epoch)
     }
 
     pub fn book(&self) -> &ReplicationBook {
         &self.engine.book
     }
 
-    /// Unmounts and stops. Applications still holding files get errors from then on.
-    pub fn stop(mut self) {
+    /// Fences, unmounts and stops. Applications still holding files get errors from
+    /// then on; returns within [`STOP_GRACE`] and a little more, however many files
+    /// they hold open.
+    ///
+    /// Returns once the book is closed, so that this node can open it again (as
+    /// SECOND, on failback) in the same process.
+    pub fn stop(mut self) -> Result<BookReleased, MirrorError> {
         self.shutdown();
+        let book = self.engine.config.book.clone();
+        // The engine and its book are dropped with `self` if nothing else holds them.
+        // (The engine's own threads, which share the book, stop with it.)
+        let sole = Arc::strong_count(&self.engine) == 1;
+        drop(self);
+        if !sole {
+            return Err(MirrorError::Protocol(format!(
+                "the book at {} is still in use after the stop",
+                book.display()
+            )));
+        }
+        Ok(BookReleased { book })
     }
 
     fn shutdown(&mut self) {
+        // First: nothing is acknowledged from here on, whatever the link does next.
+        self.engine.fence("PRIM stopped");
         let _ = self.stop.send(true);
         self.link.stop();
         if let Some(session) = self.session.take() {
+            let connection = self.connection;
             // Detach: a busy mount must not keep the node from stopping.
             if let Err(e) = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH) {
                 tracing::warn!(dir = %self.dir.display(), "unmounting the interception: {e}");
             }
+            // A detached mount lives on while applications hold files in it, and the
+            // session with it: past the grace, abort the connection, which fails every
+            // access and ends the session.
+            let deadline = std::time::Instant::now() + STOP_GRACE;
+            while !session.guard.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !session.guard.is_finished() {
+                let aborted = connection
+                    .ok_or_else(|| std::io::Error::other("its connection number is unknown"))
+                    .and_then(abort_fuse_connection);
+                match aborted {
+                    Ok(()) => tracing::warn!(
+                        dir = %self.dir.display(),
+                        "files still open {STOP_GRACE:?} after the unmount: connection aborted"
+                    ),
+                    Err(e) => tracing::error!(
+                        dir = %self.dir.display(),
+                        "cannot abort the interception's connection; waiting for its files \
+                         to be closed: {e}"
+                    ),
+                }
+            }
             let _ = session.join();
         }
-        self.engine.fence();
         // The copier and the aborted tasks hold the engine.
         crate::wait_for_sole_owner(&self.engine);
     }

@@ -98,9 +98,8 @@ struct Unsynced<'scope> {
     paths: BTreeSet<RelPath>,
     last_seq: u64,
     since: Option<Instant>,
-    /// The periodic sync runs beside the applier (see [`sync_behind`]); a failed one
-    /// hands its paths back.
-    behind: Option<ScopedJoinHandle<'scope, Result<(), BTreeSet<RelPath>>>>,
+    /// The periodic sync runs beside the applier (see [`sync_behind`]).
+    behind: Option<ScopedJoinHandle<'scope, Result<(), SyncFailure>>>,
 }
 
 fn parent_of(path: &[u8]) -> RelPath {
@@ -133,30 +132,33 @@ fn apply_in<'scope, 'env>(
     let mut unsynced = Unsynced::default();
     let mut write_cache: Option<(RelPath, OwnedFd)> = None;
     loop {
-        if shared.stopping.load(Ordering::SeqCst) {
-            sync(shared, &mut unsynced, watermarks);
-            return;
-        }
         let next = if shared.config.ack == AckMode::Durable && unsynced.since.is_some() {
             // Group commit: sync as soon as the queue is drained.
             match work.try_recv() {
                 Ok(next) => Some(next),
                 Err(mpsc::TryRecvError::Empty) => {
-                    sync(shared, &mut unsynced, watermarks);
+                    sync(shared, &mut unsynced, watermarks, up);
                     continue;
                 }
-                Err(mpsc::TryRecvError::Disconnected) => return,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    // Stopped (or drained): everything queued was taken first.
+                    sync(shared, &mut unsynced, watermarks, up);
+                    return;
+                }
             }
         } else {
             match work.recv_timeout(APPLIER_POLL) {
                 Ok(next) => Some(next),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    sync(shared, &mut unsynced, watermarks, up);
+                    return;
+                }
             }
         };
         match next {
             Some(Work::End) => {
-                sync(shared, &mut unsynced, watermarks);
+                sync(shared, &mut unsynced, watermarks, up);
                 return;
             }
             Some(Work::Frame(message, frame, data_at)) => {
@@ -185,17 +187,19 @@ fn apply_in<'scope, 'env>(
                             });
                         }
                         note_unsynced(&mut unsynced, &op, seq);
+                        applied(shared, seq);
                         if matches!(op, Op::Fsync { .. }) {
                             // `fsync` mode: PRIM's fsync waits for this.
-                            sync(shared, &mut unsynced, watermarks);
+                            sync(shared, &mut unsynced, watermarks, up);
                         }
                     }
                     Down::Ask { seq, request, .. } => {
                         unsynced.last_seq = seq;
+                        applied(shared, seq);
                         unsynced.since.get_or_insert_with(Instant::now);
                         let answer = match request {
                             Request::Sync => {
-                                sync(shared, &mut unsynced, watermarks);
+                                sync(shared, &mut unsynced, watermarks, up);
                                 Answer::Synced
                             }
                             request => answer(tree, shared.config.zone_size, &request),
@@ -223,8 +227,11 @@ fn apply_in<'scope, 'env>(
                     }
                     Down::SyncPoint { seq, point, .. } => {
                         unsynced.last_seq = seq;
+                        applied(shared, seq);
                         unsynced.since.get_or_insert_with(Instant::now);
-                        sync(shared, &mut unsynced, watermarks);
+                        if !sync(shared, &mut unsynced, watermarks, up) {
+                            continue; // Not durable: this copy never shares that state.
+                        }
                         // Everything SECOND changed on its own has been overwritten.
                         let result = shared
                             .book
@@ -243,20 +250,19 @@ fn apply_in<'scope, 'env>(
                             tracing::error!("cannot record the sync point: {e}");
                         }
                     }
-                    Down::Hello { .. } | Down::Ping => {}
+                    Down::Hello { .. } | Down::Ping { .. } => {}
                 }
             }
             None => {}
         }
         if unsynced.behind.as_ref().is_some_and(|b| b.is_finished()) {
-            // A failed one hands its paths back for the next interval.
-            wait_behind(&mut unsynced);
+            wait_behind(&mut unsynced, watermarks, up);
         }
         if unsynced
             .since
             .is_some_and(|since| since.elapsed() >= shared.config.sync_every)
         {
-            sync_behind(scope, shared, &mut unsynced, watermarks);
+            sync_behind(scope, shared, &mut unsynced, watermarks, up);
         }
     }
 }
@@ -320,16 +326,20 @@ fn note_unsynced(unsynced: &mut Unsynced, op: &Op, seq: u64) {
 }
 
 /// Makes everything applied so far durable, then advances the durable watermark.
-fn sync(shared: &Shared, unsynced: &mut Unsynced, watermarks: &Watermarks) {
-    wait_behind(unsynced);
-    let since = unsynced.since;
-    let Some(job) = SyncJob::take(&shared.tree, unsynced) else {
-        return;
-    };
-    if let Err(paths) = job.run(shared, watermarks) {
-        unsynced.paths.extend(paths);
-        unsynced.since = since;
+/// False when the sync failed: nothing applied in this session is ever durable then.
+fn sync(
+    shared: &Shared,
+    unsynced: &mut Unsynced,
+    watermarks: &Watermarks,
+    up: &amps::UnboundedSender<Up>,
+) -> bool {
+    wait_behind(unsynced, watermarks, up);
+    if let Some(job) = SyncJob::take(&shared.tree, unsynced) {
+        if let Err(failure) = job.run(shared, watermarks) {
+            failure.report(watermarks, up);
+        }
     }
+    !watermarks.poisoned.load(Ordering::SeqCst)
 }
 
 /// The periodic sync, on a thread beside the applier: applying goes on while the disk
@@ -343,11 +353,12 @@ fn sync_behind<'scope, 'env>(
     shared: &'env Shared,
     unsynced: &mut Unsynced<'scope>,
     watermarks: &'env Watermarks,
+    up: &amps::UnboundedSender<Up>,
 ) {
     if unsynced.behind.as_ref().is_some_and(|b| !b.is_finished()) {
         return;
     }
-    wait_behind(unsynced);
+    wait_behind(unsynced, watermarks, up);
     if let Some(job) = SyncJob::take(&shared.tree, unsynced) {
         unsynced.behind = Some(scope.spawn(move || job.run(shared, watermarks)));
     }
@@ -359,6 +370,12 @@ struct SyncJob {
     targets: Targets,
     /// Durable once the targets are synced.
     seq: u64,
+}
+
+/// A sync that failed, and what it covered.
+struct SyncFailure {
+    paths: BTreeSet<RelPath>,
+    error: io::Error,
 }
 
 impl SyncJob {
@@ -373,39 +390,61 @@ impl SyncJob {
         })
     }
 
-    /// Syncs and advances the durable watermark; a failure hands the paths back.
-    fn run(self, shared: &Shared, watermarks: &Watermarks) -> Result<(), BTreeSet<RelPath>> {
+    /// Syncs and advances the durable watermark.
+    fn run(self, shared: &Shared, watermarks: &Watermarks) -> Result<(), SyncFailure> {
         match self.targets.sync(&shared.tree) {
             Ok(()) => {
                 advance_durable(shared, watermarks, self.seq);
                 Ok(())
             }
-            Err(e) => {
-                // Not durable: the watermark stays, so PRIM keeps its intents.
-                tracing::warn!("syncing the copy failed: {e}");
-                Err(self.paths)
-            }
+            Err(error) => Err(SyncFailure {
+                paths: self.paths,
+                error,
+            }),
         }
     }
 }
 
-/// Waits for the periodic sync under way, if any: whatever syncs next covers what it
-/// failed to.
-fn wait_behind(unsynced: &mut Unsynced) {
+impl SyncFailure {
+    /// A failed fsync may have dropped the pages it could not write (marking them
+    /// clean), so a retry on fresh descriptors would report success for data that is
+    /// not on disk (PostgreSQL's "fsyncgate"). Never retried: the durable watermark
+    /// stops for the rest of the session and PRIM is told, which ends the session and
+    /// resends what it had not seen durable.
+    fn report(self, watermarks: &Watermarks, up: &amps::UnboundedSender<Up>) {
+        tracing::error!("syncing the copy failed: {}", self.error);
+        watermarks.poisoned.store(true, Ordering::SeqCst);
+        let path = self.paths.into_iter().next().unwrap_or_default();
+        let _ = up.send(Up::Failed {
+            seq: watermarks.durable.load(Ordering::SeqCst) + 1,
+            path,
+            error: format!("sync failed: {}", self.error),
+        });
+    }
+}
+
+/// Waits for the periodic sync under way, if any.
+fn wait_behind(unsynced: &mut Unsynced, watermarks: &Watermarks, up: &amps::UnboundedSender<Up>) {
     let Some(behind) = unsynced.behind.take() else {
         return;
     };
     match behind.join() {
         Ok(Ok(())) => {}
-        Ok(Err(paths)) => {
-            unsynced.paths.extend(paths);
-            unsynced.since.get_or_insert_with(Instant::now);
-        }
+        Ok(Err(failure)) => failure.report(watermarks, up),
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
+/// Everything up to `seq` was applied (or answered).
+fn applied(shared: &Shared, seq: u64) {
+    let mut status = shared.status.lock().expect("status lock");
+    status.applied = status.applied.max(seq);
+}
+
 fn advance_durable(shared: &Shared, watermarks: &Watermarks, seq: u64) {
+    if watermarks.poisoned.load(Ordering::SeqCst) {
+        return;
+    }
     watermarks.durable.fetch_max(seq, Ordering::SeqCst);
     watermarks.changed.notify_one();
     let mut status = shared.status.lock().expect("status lock");

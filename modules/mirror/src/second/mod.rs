@@ -77,6 +77,8 @@ pub struct SecondStatus {
     /// Newest epoch accepted.
     pub epoch: u64,
     pub received: u64,
+    /// The last sequence applied to the copy, and the last one synced to its disk.
+    pub applied: u64,
     pub durable: u64,
     pub bytes_applied: u64,
     /// Received and not yet applied: held in memory, at most about 64 MiB.
@@ -89,13 +91,19 @@ struct Shared {
     tree: Tree,
     book: ReplicationBook,
     config: SecondConfig,
-    /// Frames from an older epoch are refused. Raised by sessions and by the caller.
+    /// Frames from an older epoch are refused. Raised by sessions and by the caller,
+    /// and kept in the book across restarts.
     min_epoch: AtomicU64,
+    /// Bumped to end the current session: a newer one takes over, or a fence.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// The current session's epoch (0 when none).
+    session_epoch: AtomicU64,
+    /// Held while a new session takes over from the current one.
+    handover: tokio::sync::Mutex<()>,
     status: Mutex<SecondStatus>,
-    stopping: AtomicBool,
     /// The current session's applier; whoever ends first (the session or the drop of
     /// [`Secondary`]) joins it, so that the book is never written during process exit.
-    applier: Mutex<Option<std::thread::JoinHandle<()>>>,
+    applier: Mutex<Option<(u64, std::thread::JoinHandle<()>)>>,
     /// The current session's frames waiting for the applier.
     backlog: Mutex<Arc<Backlog>>,
 }
@@ -111,8 +119,10 @@ pub struct Secondary {
 impl Secondary {
     /// Opens the copy and the book, protects the directory and listens on `listen`.
     pub fn start(config: SecondConfig, listen: &str) -> Result<Secondary, MirrorError> {
-        let tree = Tree::open(&config.dir).map_err(MirrorError::io("open the replicated dir"))?;
+        // The book first: its lock proves no live SECOND serves this copy.
         let book = ReplicationBook::open(&config.book)?;
+        let book_min_epoch = book.min_epoch()?;
+        let tree = crate::leftovers::open_tree_for_role(&config.dir)?;
         // Bound here, for the error; registered with the I/O thread's runtime there.
         let listener =
             std::net::TcpListener::bind(listen).map_err(MirrorError::io("listen for PRIM"))?;
@@ -130,9 +140,11 @@ impl Secondary {
             tree,
             book,
             config,
-            min_epoch: AtomicU64::new(0),
+            min_epoch: AtomicU64::new(book_min_epoch),
+            generation: tokio::sync::watch::channel(0).0,
+            session_epoch: AtomicU64::new(0),
+            handover: tokio::sync::Mutex::new(()),
             status: Mutex::new(SecondStatus::default()),
-            stopping: AtomicBool::new(false),
             applier: Mutex::new(None),
             backlog: Mutex::new(Arc::new(Backlog::new())),
         });
@@ -156,9 +168,15 @@ impl Secondary {
         self.addr
     }
 
-    /// Raises the oldest epoch accepted (the caller learnt of a newer PRIM).
-    pub fn fence(&self, epoch: u64) {
+    /// Raises the oldest epoch accepted (the caller learnt of a newer PRIM), on disk
+    /// before it returns, and ends a session of an older epoch.
+    pub fn fence(&self, epoch: u64) -> Result<(), MirrorError> {
+        self.shared.book.raise_min_epoch(epoch)?;
         self.shared.min_epoch.fetch_max(epoch, Ordering::SeqCst);
+        if self.shared.session_epoch.load(Ordering::SeqCst) < epoch {
+            self.shared.generation.send_modify(|g| *g += 1);
+        }
+        Ok(())
     }
 
     pub fn status(&self) -> SecondStatus {
@@ -172,20 +190,46 @@ impl Secondary {
     }
 }
 
-impl Drop for Secondary {
-    fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
+impl Secondary {
+    /// Stops taking frames, then applies and syncs everything already received (and so
+    /// acknowledged to PRIM) before returning: what a promotion of this node starts
+    /// from. Removes the read-only mount.
+    pub fn stop_and_drain(mut self) -> Drained {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Drained {
+        // Drops the session: the reader stops, and the applier, once it has taken
+        // every frame already queued, syncs and returns.
         self.listener.stop();
-        // The applier sees `stopping` within APPLIER_POLL, syncs and returns.
         let applier = self.shared.applier.lock().expect("applier lock").take();
-        if let Some(applier) = applier {
+        if let Some((_, applier)) = applier {
             let _ = applier.join();
         }
-        if self.mounted {
+        if std::mem::take(&mut self.mounted) {
             if let Err(e) = unprotect(&self.shared.config.dir) {
                 tracing::warn!(dir = %self.shared.config.dir.display(), "cannot remove the read-only mount: {e}");
             }
         }
+        let status = self.status();
+        Drained {
+            applied: status.applied,
+            durable: status.durable,
+        }
+    }
+}
+
+/// What a drained SECOND holds: the last sequence applied, and the last one on its
+/// disk (lower only when a sync failed, which PRIM was told).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Drained {
+    pub applied: u64,
+    pub durable: u64,
+}
+
+impl Drop for Secondary {
+    fn drop(&mut self) {
+        self.shutdown();
         crate::wait_for_sole_owner(&self.shared);
     }
 }
@@ -213,23 +257,23 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        let channel =
-            match SecureChannel::accept(stream, &shared.config.key, HANDSHAKE_TIMEOUT).await {
-                Ok(channel) => channel,
-                Err(e) => {
-                    tracing::warn!(%from, "refused a replication connection: {e}");
-                    continue;
-                }
-            };
-        // One session at a time: a new PRIM connection replaces the old one only after
-        // it ends (the old PRIM's socket fails or its epoch is fenced).
-        if let Err(e) = session(&shared, channel).await {
-            tracing::warn!(%from, "replication session ended: {e}");
-            shared.status.lock().expect("status lock").last_error = Some(e.to_string());
-        }
-        let mut status = shared.status.lock().expect("status lock");
-        status.connected = false;
-        status.peer = None;
+        // Each connection on a task of its own: a PRIM that comes back (after a power
+        // loss, say) must not wait for SECOND to notice that the old one is gone.
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let channel =
+                match SecureChannel::accept(stream, &shared.config.key, HANDSHAKE_TIMEOUT).await {
+                    Ok(channel) => channel,
+                    Err(e) => {
+                        tracing::warn!(%from, "refused a replication connection: {e}");
+                        return;
+                    }
+                };
+            if let Err(e) = session(&shared, channel).await {
+                tracing::warn!(%from, "replication session ended: {e}");
+                shared.status.lock().expect("status lock").last_error = Some(e.to_string());
+            }
+        });
     }
 }
 
@@ -239,41 +283,55 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
         mut writer,
         peer,
     } = channel;
-    let frame = reader.recv().await?;
+    let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv())
+        .await
+        .map_err(|_| MirrorError::Protocol("no Hello".into()))??;
     let (hello, _) = protocol::decode::<Down>(&frame)?;
     let Down::Hello {
         epoch,
         zone_size,
         sync_point: _,
+        link_timeout_ms,
     } = hello
     else {
         return Err(MirrorError::Protocol("first message is not Hello".into()));
     };
-    let refuse = if epoch < shared.min_epoch.load(Ordering::SeqCst) {
-        Some(format!(
-            "epoch {epoch} is older than epoch {} already seen",
-            shared.min_epoch.load(Ordering::SeqCst)
-        ))
-    } else if zone_size != shared.config.zone_size {
-        Some(format!(
-            "zone size {zone_size} differs from this node's {}",
-            shared.config.zone_size
-        ))
-    } else {
-        None
-    };
-    if let Some(reason) = refuse {
-        writer
-            .send(protocol::encode(
-                &Up::Refused {
-                    reason: reason.clone(),
-                },
-                &[],
-            ))
-            .await?;
+    if let Err(reason) = admissible(shared, epoch, zone_size) {
+        let refusal = protocol::encode(
+            &Up::Refused {
+                reason: reason.clone(),
+            },
+            &[],
+        );
+        writer.send(refusal).await?;
         return Err(MirrorError::Refused(reason));
     }
+    // Take over: the current session (an older connection of this PRIM, or of an
+    // older epoch) ends, and its applier takes what it had queued, before this one
+    // reads the book and says Welcome.
+    let handover = shared.handover.lock().await;
+    if let Err(reason) = admissible(shared, epoch, zone_size) {
+        let refusal = protocol::encode(
+            &Up::Refused {
+                reason: reason.clone(),
+            },
+            &[],
+        );
+        writer.send(refusal).await?;
+        return Err(MirrorError::Refused(reason));
+    }
+    shared.generation.send_modify(|g| *g += 1);
+    let generation = *shared.generation.borrow();
+    let mut replaced = shared.generation.subscribe();
+    let previous = shared.applier.lock().expect("applier lock").take();
+    if let Some((_, previous)) = previous {
+        let _ = tokio::task::spawn_blocking(move || previous.join()).await;
+    }
     shared.min_epoch.fetch_max(epoch, Ordering::SeqCst);
+    shared.book.raise_min_epoch(epoch)?;
+    shared.session_epoch.store(epoch, Ordering::SeqCst);
+    // Silent for twice PRIM's link timeout (it pings every quarter of it): gone.
+    let silent_after = Duration::from_millis(link_timeout_ms.max(250) * 2);
     let mut overwrite = shared.book.marks(MarkKind::Intent)?;
     overwrite.extend(&shared.book.marks(MarkKind::Dirty)?);
     let welcome = Up::Welcome {
@@ -287,6 +345,8 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
         status.peer = Some(peer.clone());
         status.epoch = epoch;
         status.last_error = None;
+        // Sequences are the connecting PRIM's, counted from its start.
+        (status.received, status.applied, status.durable) = (0, 0, 0);
     }
     tracing::info!(%peer, epoch, "PRIM connected");
 
@@ -304,8 +364,9 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
             .name("mirror-applier".into())
             .spawn(move || apply_loop(&shared_for_applier, work_rx, &backlog, &watermarks, &up_tx))
             .map_err(MirrorError::io("start the applier thread"))?;
-        *shared.applier.lock().expect("applier lock") = Some(applier);
+        *shared.applier.lock().expect("applier lock") = Some((generation, applier));
     }
+    drop(handover);
 
     let upstream = Arc::new(tokio::sync::Mutex::new(Upstream {
         writer,
@@ -342,20 +403,40 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
         })
     };
 
+    let mut writer_task = writer_task;
     let read_result: Result<(), MirrorError> = async {
         loop {
-            let frame = reader.recv().await?;
+            let frame = tokio::select! {
+                frame = tokio::time::timeout(silent_after, reader.recv()) => match frame {
+                    Ok(frame) => frame?,
+                    Err(_) => {
+                        return Err(MirrorError::Protocol(format!(
+                            "PRIM silent for {silent_after:?}"
+                        )))
+                    }
+                },
+                _ = replaced.wait_for(|g| *g != generation) => {
+                    return Err(MirrorError::Refused(
+                        "replaced by a newer session, or fenced".into(),
+                    ))
+                }
+                ended = &mut writer_task => {
+                    // Acks of receipt must not go on once nothing else reaches PRIM.
+                    let reason = match ended {
+                        Ok(Ok(())) => "the writer stopped".to_string(),
+                        Ok(Err(e)) => format!("sending to PRIM: {e}"),
+                        Err(e) => format!("the writer failed: {e}"),
+                    };
+                    return Err(MirrorError::Protocol(reason));
+                }
+            };
             let (message, data_at) = protocol::decode::<Down>(&frame)?;
             let (frame_epoch, seq) = match &message {
                 Down::Op { epoch, seq, .. }
                 | Down::Ask { epoch, seq, .. }
                 | Down::SyncPoint { epoch, seq, .. } => (*epoch, Some(*seq)),
                 Down::Replay { epoch, .. } => (*epoch, None),
-                Down::Ping => {
-                    watermarks.ping.store(true, Ordering::SeqCst);
-                    watermarks.changed.notify_one();
-                    continue;
-                }
+                Down::Ping { epoch } => (*epoch, None),
                 Down::Hello { .. } => {
                     return Err(MirrorError::Protocol("Hello in the middle of a session".into()))
                 }
@@ -365,6 +446,11 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
                 return Err(MirrorError::Refused(format!(
                     "frame of epoch {frame_epoch} in a session of epoch {epoch} (oldest accepted {fence})"
                 )));
+            }
+            if matches!(message, Down::Ping { .. }) {
+                watermarks.ping.store(true, Ordering::SeqCst);
+                watermarks.changed.notify_one();
+                continue;
             }
             if let Some(seq) = seq {
                 watermarks.received.store(seq, Ordering::SeqCst);
@@ -391,13 +477,43 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     }
     .await;
     let _ = work_tx.send(Work::End);
-    let applier = shared.applier.lock().expect("applier lock").take();
-    if let Some(applier) = applier {
+    // This session's applier, unless a newer session already took it to wait for it.
+    let applier = {
+        let mut slot = shared.applier.lock().expect("applier lock");
+        match &*slot {
+            Some((owner, _)) if *owner == generation => slot.take(),
+            _ => None,
+        }
+    };
+    if let Some((_, applier)) = applier {
         let _ = tokio::task::spawn_blocking(move || applier.join()).await;
     }
     drop(up_tx);
     writer_task.abort();
+    if *shared.generation.borrow() == generation {
+        shared.session_epoch.store(0, Ordering::SeqCst);
+        let mut status = shared.status.lock().expect("status lock");
+        status.connected = false;
+        status.peer = None;
+    }
     read_result
+}
+
+/// Whether a PRIM of `epoch` with zones of `zone_size` may start a session.
+fn admissible(shared: &Shared, epoch: u64, zone_size: u64) -> Result<(), String> {
+    let oldest = shared.min_epoch.load(Ordering::SeqCst);
+    if epoch < oldest {
+        return Err(format!(
+            "epoch {epoch} is older than epoch {oldest} already seen"
+        ));
+    }
+    if zone_size != shared.config.zone_size {
+        return Err(format!(
+            "zone size {zone_size} differs from this node's {}",
+            shared.config.zone_size
+        ));
+    }
+    Ok(())
 }
 
 /// SECOND's half of the connection, shared by the reader (receipt acks) and the
@@ -447,6 +563,9 @@ async fn admit_while_moving(backlog: &Backlog, len: usize, watermarks: &Watermar
 struct Watermarks {
     received: AtomicU64,
     durable: AtomicU64,
+    /// A sync failed in this session: `durable` never moves again (see
+    /// `SyncFailure::report`).
+    poisoned: AtomicBool,
     ping: AtomicBool,
     changed: Notify,
 }

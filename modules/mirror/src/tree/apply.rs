@@ -128,13 +128,7 @@ impl Tree {
                     .io()?;
                 }
                 if let Some(perm) = perm {
-                    rfs::chmodat(
-                        &parent,
-                        os(name),
-                        Mode::from_raw_mode(*perm),
-                        AtFlags::empty(),
-                    )
-                    .io()?;
+                    chmod_no_follow(&parent, name, *perm)?;
                 }
                 if atime.is_some() || mtime.is_some() {
                     let times = Timestamps {
@@ -188,9 +182,17 @@ impl Tree {
             }
             Op::RemoveTree { path } => self.remove_tree(path),
             Op::Ensure { path, meta } => self.ensure(path, meta),
-            Op::Zone { path, offset, size } => {
+            Op::Zone {
+                path,
+                offset,
+                zeros,
+                size,
+            } => {
                 let fd = self.open_at(path, OFlags::WRONLY, 0)?;
                 write_all_at(&fd, data, *offset)?;
+                if *zeros > 0 {
+                    zero_range(&fd, *offset + data.len() as u64, *zeros)?;
+                }
                 rfs::ftruncate(&fd, *size).io()
             }
         }
@@ -214,13 +216,7 @@ impl Tree {
         .io()?;
         // chown clears setuid/setgid; the mode is set after it, exactly.
         if let Some(perm) = perm {
-            rfs::chmodat(
-                parent,
-                os(name),
-                Mode::from_raw_mode(perm),
-                AtFlags::empty(),
-            )
-            .io()?;
+            chmod_no_follow(parent, name, perm)?;
         }
         Ok(())
     }
@@ -315,6 +311,44 @@ impl Tree {
         };
         rfs::utimensat(&parent, os(name), &times, AtFlags::SYMLINK_NOFOLLOW).io()
     }
+}
+
+/// Makes `len` bytes at `offset` read as zeros: a hole where the file system can punch
+/// one, written zeros where it cannot.
+fn zero_range(fd: &OwnedFd, offset: u64, len: u64) -> io::Result<()> {
+    let punch = rfs::FallocateFlags::PUNCH_HOLE | rfs::FallocateFlags::KEEP_SIZE;
+    match rfs::fallocate(fd, punch, offset, len) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {}
+        Err(e) => return Err(errno(e)),
+    }
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        write_all_at(fd, &zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// chmod of `name` itself: `chmodat` follows a symlink in the last component, and a
+/// symlink's own mode cannot be changed on Linux (it is always 0777), so a symlink is
+/// left alone. Only the applier changes the tree, so nothing swaps the entry between
+/// the two calls.
+fn chmod_no_follow(parent: &impl AsFd, name: &[u8], perm: u32) -> io::Result<()> {
+    let stat = rfs::statat(parent, os(name), AtFlags::SYMLINK_NOFOLLOW).io()?;
+    if kind_of(stat.st_mode) == Kind::Symlink {
+        return Ok(());
+    }
+    rfs::chmodat(
+        parent,
+        os(name),
+        Mode::from_raw_mode(perm),
+        AtFlags::empty(),
+    )
+    .io()
 }
 
 #[cfg(test)]

@@ -163,6 +163,12 @@ impl Tree {
         Ok(Tree { root })
     }
 
+    /// Whether the tree is on a read-only mount (nothing could be changed in it).
+    pub fn read_only(&self) -> io::Result<bool> {
+        let vfs = rfs::fstatvfs(&self.root).io()?;
+        Ok(vfs.f_flag.contains(rfs::StatVfsMountFlags::RDONLY))
+    }
+
     pub fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }

@@ -25,14 +25,33 @@ impl Tree {
         }
         let size = stat.st_size as u64;
         let offset = zone * zone_size;
-        let data = if offset < size {
+        let (mut data, mut zeros) = (Vec::new(), 0);
+        if offset < size {
             let fd = self.open_at(path, OFlags::RDONLY, 0)?;
-            read_at(&fd, offset, zone_size as usize)?
-        } else {
-            Vec::new()
-        };
+            let end = size.min(offset + zone_size);
+            // A zone that is one hole (a file grown by truncate, a punched range) goes
+            // as its length: a sparse image must not cross the link as zeros.
+            let hole = match rfs::seek(&fd, rfs::SeekFrom::Data(offset)) {
+                Ok(next_data) => next_data >= end,
+                Err(rustix::io::Errno::NXIO) => true,
+                Err(_) => false,
+            };
+            if hole {
+                zeros = end - offset;
+            } else {
+                data = read_at(&fd, offset, zone_size as usize)?;
+            }
+        }
         let path = path.to_vec();
-        Ok(Some((Op::Zone { path, offset, size }, data)))
+        Ok(Some((
+            Op::Zone {
+                path,
+                offset,
+                zeros,
+                size,
+            },
+            data,
+        )))
     }
 
     /// Names and kinds of a directory's entries, sorted by name.

@@ -31,9 +31,23 @@ pub fn key() -> ClusterKey {
     ClusterKey::from_secret(SECRET)
 }
 
+/// Logs to the test's output, filtered by `RUST_LOG` (nothing when unset).
+fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 impl Pair {
     /// Directories only; start the sides with [`Pair::start_second`] / [`Pair::start_prim`].
     pub fn new(ack: AckMode) -> Pair {
+        init_logging();
         std::fs::create_dir_all("/var/tmp/rampart-mirror-tests").unwrap();
         let root = tempfile::Builder::new()
             .prefix("pair")

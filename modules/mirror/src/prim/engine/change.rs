@@ -7,18 +7,38 @@ use std::sync::MutexGuard;
 
 use super::marks::{rename_in, Intent, Order};
 use super::{Engine, Phase};
-use crate::protocol::{self, Down, Op};
+use crate::protocol::{self, Down, Op, RelPath};
+
+fn parent(path: &[u8]) -> RelPath {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(slash) => path[..slash].to_vec(),
+        None => Vec::new(),
+    }
+}
 
 /// What a change touches, for the bookkeeping.
 #[derive(Default)]
 pub struct Touch {
     pub(super) marks: Marks,
+    /// Renames: the marks of each `from` are copied to `to` before the change applies.
+    pub(super) copies: Vec<(RelPath, RelPath)>,
 }
 
 impl Touch {
     pub fn path(path: &[u8]) -> Touch {
         let mut touch = Touch::default();
         touch.marks.add_path(path);
+        touch
+    }
+
+    /// A rename of `from` to `to` (an exchange when `exchange`): the parents change,
+    /// and the marks of the data follow it from before the local rename on.
+    pub fn rename(from: &[u8], to: &[u8], exchange: bool) -> Touch {
+        let mut touch = Touch::path(&parent(from)).and_path(&parent(to));
+        touch.copies.push((from.to_vec(), to.to_vec()));
+        if exchange {
+            touch.copies.push((to.to_vec(), from.to_vec()));
+        }
         touch
     }
 
@@ -36,6 +56,12 @@ impl Touch {
             touch.marks.add_zone(path, zone);
         }
         touch
+    }
+
+    /// The zones between two sizes of a file (the zone at the size when they are equal).
+    pub fn and_between(self, path: &[u8], a: u64, b: u64, zone_size: u64) -> Touch {
+        let (low, high) = (a.min(b), a.max(b));
+        self.and_range(path, low, high - low, zone_size)
     }
 
     pub fn and_range(mut self, path: &[u8], offset: u64, len: u64, zone_size: u64) -> Touch {
@@ -143,9 +169,9 @@ impl Change<'_> {
                 for path in &touched.paths {
                     self.order.intent_paths.insert(path.clone(), mark);
                 }
-                let epoch = engine.config.epoch;
+                let epoch = engine.epoch();
                 let frame = protocol::encode(&Down::Op { epoch, seq, op }, data);
-                match engine.send_frame(frame, Some(seq)) {
+                match engine.send_frame(&mut self.order, frame, Some(seq)) {
                     Some(session) => Ticket::Sent { seq, session },
                     None => Ticket::Parked,
                 }

@@ -47,10 +47,6 @@ pub(super) struct Order {
     pub(super) intent_paths: HashMap<RelPath, Intent>,
     /// Mirror of the book's dirty set.
     pub(super) dirty: Marks,
-    /// Dirty marks SECOND failed to apply since the copier last sent them: an earlier
-    /// send of them settling must not clear them (the `Failed` arrives before the ack
-    /// that makes its sequence durable).
-    pub(super) failed: Marks,
     /// Each sequentially written file's last window of intents.
     pub(super) ahead: HashMap<RelPath, Run>,
     pub(super) epochs: Epochs,
@@ -217,12 +213,16 @@ impl Engine {
         self.record_dirty(&mut order, marks)
     }
 
-    /// Forgets dirty marks the peer now durably holds. Not synced.
-    pub(crate) fn clear_dirty(&self, marks: &Marks) {
+    /// Forgets dirty marks the peer durably holds in `session`. Not synced. Nothing is
+    /// forgotten once the session ended: what ended it (a `Failed` from SECOND, say)
+    /// may have marked the same zones again, after the acknowledgement the caller saw.
+    pub(crate) fn clear_dirty(&self, session: u64, marks: &Marks) {
         let mut order = self.lock_order();
-        let marks = marks.without(&order.failed);
-        order.dirty.remove(&marks);
-        if let Err(e) = self.book.clear(MarkKind::Dirty, &marks) {
+        if self.lock_link().session != session {
+            return;
+        }
+        order.dirty.remove(marks);
+        if let Err(e) = self.book.clear(MarkKind::Dirty, marks) {
             tracing::warn!("cannot clear reintegrated marks: {e}");
         }
     }
@@ -242,19 +242,16 @@ pub(super) fn rename_in(order: &mut Order, from: &[u8], to: &[u8]) {
         .into_iter()
         .map(|(path, seq)| (moved(&path).unwrap_or(path), seq))
         .collect();
-    let rename_marks = |marks: Marks| {
-        let mut renamed = Marks::default();
-        for (path, zones) in marks.zones {
-            let path = moved(&path).unwrap_or(path);
-            renamed.zones.entry(path).or_default().extend(zones);
-        }
-        for path in marks.paths {
-            renamed.paths.insert(moved(&path).unwrap_or(path));
-        }
-        renamed
-    };
-    order.dirty = rename_marks(std::mem::take(&mut order.dirty));
-    order.failed = rename_marks(std::mem::take(&mut order.failed));
+    let mut renamed = Marks::default();
+    let dirty = std::mem::take(&mut order.dirty);
+    for (path, zones) in dirty.zones {
+        let path = moved(&path).unwrap_or(path);
+        renamed.zones.entry(path).or_default().extend(zones);
+    }
+    for path in dirty.paths {
+        renamed.paths.insert(moved(&path).unwrap_or(path));
+    }
+    order.dirty = renamed;
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ mod marks;
 mod session;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -60,9 +61,21 @@ pub enum Level {
 
 pub type Done = Box<dyn FnOnce(Result<(), i32>) + Send>;
 
+impl Waiter {
+    fn new(level: Level, done: Done) -> Waiter {
+        Waiter {
+            level,
+            done,
+            since: Instant::now(),
+        }
+    }
+}
+
 struct Waiter {
     level: Level,
     done: Done,
+    /// When the application call started waiting.
+    since: Instant,
 }
 
 struct Link {
@@ -101,10 +114,17 @@ pub struct Engine {
     marker: ahead::Marker,
     link: Mutex<Link>,
     link_changed: Condvar,
-    /// Signalled when SECOND failed to apply a change: the link runs the copier again.
-    pub(crate) diverged: tokio::sync::Notify,
     events: amps::UnboundedSender<Event>,
     pub(crate) status: Mutex<PrimStatus>,
+    /// The mirror epoch every frame carries ([`Engine::set_epoch`] changes it).
+    epoch: AtomicU64,
+    /// Set first by [`Engine::fence`], without any lock: every acknowledgement path
+    /// checks it (and the lease) before answering success.
+    fenced: AtomicBool,
+    /// No acknowledgement at or after this many nanoseconds past `started`
+    /// (`u64::MAX`: no lease).
+    lease_deadline: AtomicU64,
+    started: Instant,
 }
 
 impl Engine {
@@ -118,6 +138,7 @@ impl Engine {
         book.intents_to_dirty()?;
         let dirty = book.marks(MarkKind::Dirty)?;
         let book = Arc::new(book);
+        let config_epoch = config.epoch;
         let order = Arc::new(Mutex::new(Order {
             dirty,
             ..Order::default()
@@ -143,10 +164,62 @@ impl Engine {
                 last_heard: Instant::now(),
             }),
             link_changed: Condvar::new(),
-            diverged: tokio::sync::Notify::new(),
             events,
             status: Mutex::new(PrimStatus::default()),
+            epoch: AtomicU64::new(config_epoch),
+            fenced: AtomicBool::new(false),
+            lease_deadline: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
         })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// A new epoch: the current session ends, and the link reconnects at once with it.
+    pub fn set_epoch(&self, epoch: u64) {
+        let mut order = self.lock_order();
+        self.epoch.store(epoch, Ordering::SeqCst);
+        let session = self.lock_link().session;
+        self.end_session(&mut order, session, format!("new epoch {epoch}"));
+    }
+
+    /// True while `session` is the current one (started or lost).
+    pub(crate) fn is_current(&self, session: u64) -> bool {
+        self.lock_link().session == session
+    }
+
+    pub fn set_lease_deadline(&self, deadline: Option<Instant>) {
+        let nanos = deadline.map_or(u64::MAX, |d| {
+            d.saturating_duration_since(self.started)
+                .as_nanos()
+                .min(u64::MAX as u128 - 1) as u64
+        });
+        self.lease_deadline.store(nanos, Ordering::SeqCst);
+    }
+
+    /// Until when the lease runs, if there is one.
+    pub(crate) fn lease_deadline(&self) -> Option<Instant> {
+        match self.lease_deadline.load(Ordering::SeqCst) {
+            u64::MAX => None,
+            nanos => Some(self.started + std::time::Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Whether a change may be acknowledged now: not fenced, and within the lease.
+    pub(crate) fn may_acknowledge(&self) -> bool {
+        !self.fenced.load(Ordering::SeqCst)
+            && (self.started.elapsed().as_nanos() as u64)
+                < self.lease_deadline.load(Ordering::SeqCst)
+    }
+
+    /// Answers an application call: success only while [`Engine::may_acknowledge`].
+    fn answer(&self, done: Done, result: Result<(), i32>) {
+        match result {
+            Ok(()) if !self.may_acknowledge() => done(Err(libc::EIO)),
+            result => done(result),
+        }
     }
 
     fn lock_order(&self) -> MutexGuard<'_, Order> {
@@ -175,10 +248,19 @@ impl Engine {
         self.wait_for_window();
         let mut order = self.lock_order();
         let phase = self.lock_link().phase;
+        if !self.may_acknowledge() {
+            return Err(libc::EROFS);
+        }
         match phase {
             Phase::Fenced => return Err(libc::EROFS),
             Phase::Streaming => self.record_intents(&mut order, &touch)?,
             Phase::Stalled | Phase::Alone => self.record_dirty(&mut order, &touch.marks)?,
+        }
+        for (from, to) in &touch.copies {
+            if let Err(e) = self.book.copy_marks(from, to) {
+                tracing::error!("cannot copy marks before a rename: {e}");
+                return Err(libc::EIO);
+            }
         }
         Ok(Change {
             engine: self,
@@ -202,13 +284,18 @@ impl Engine {
         }
     }
 
-    /// Sends a frame (the caller holds the order lock and the phase is Streaming).
-    fn send_frame(&self, frame: Vec<u8>, seq: Option<u64>) -> Option<u64> {
+    /// Sends a frame of the current session; the caller holds the order lock. Returns
+    /// the session, or `None` when there is none or its sender is gone, in which case
+    /// the session ends here: a change that was not sent is never acknowledged by it.
+    fn send_frame(&self, order: &mut Order, frame: Vec<u8>, seq: Option<u64>) -> Option<u64> {
         let mut link = self.lock_link();
         let session = link.session;
         let frames = link.frames.as_ref()?;
         let len = frame.len();
         if frames.send(frame).is_err() {
+            drop(link);
+            let reason = "the replication link's sender stopped".to_string();
+            self.end_session(order, session, reason);
             return None;
         }
         if let Some(seq) = seq {
@@ -224,19 +311,40 @@ impl Engine {
         link.session == session && link.frames.as_ref().is_some_and(|f| f.send(frame).is_ok())
     }
 
+    /// A ticket for everything streamed so far: waiting on it at a level waits until
+    /// the peer holds every earlier change at that level.
+    pub fn barrier(&self) -> Ticket {
+        let order = self.lock_order();
+        let link = self.lock_link();
+        let ticket = match link.phase {
+            Phase::Streaming => Ticket::Sent {
+                seq: order.last_seq,
+                session: link.session,
+            },
+            Phase::Stalled => Ticket::Parked,
+            Phase::Alone | Phase::Fenced => Ticket::Now,
+        };
+        drop((link, order));
+        ticket
+    }
+
     /// Answers `done` when `ticket` is satisfied at `level`.
     pub fn wait(&self, ticket: Ticket, level: Level, done: Done) {
         let mut link = self.lock_link();
+        if link.phase == Phase::Fenced {
+            drop(link);
+            return done(Err(libc::EIO));
+        }
         match ticket {
             Ticket::Now => {
                 drop(link);
-                done(Ok(()));
+                self.answer(done, Ok(()));
             }
-            Ticket::Parked => Self::park(link, Waiter { level, done }),
+            Ticket::Parked => self.park(link, Waiter::new(level, done)),
             Ticket::Sent { seq, session } => {
                 if session != link.session {
                     // The session ended since: the change is in the dirty set.
-                    return Self::park(link, Waiter { level, done });
+                    return self.park(link, Waiter::new(level, done));
                 }
                 let reached = match level {
                     Level::Received => link.received,
@@ -244,12 +352,12 @@ impl Engine {
                 };
                 if reached >= seq {
                     drop(link);
-                    done(Ok(()));
+                    self.answer(done, Ok(()));
                 } else {
                     link.waiters
                         .entry(seq)
                         .or_default()
-                        .push(Waiter { level, done });
+                        .push(Waiter::new(level, done));
                 }
             }
         }
@@ -258,7 +366,7 @@ impl Engine {
     /// Parks a waiter whose change is in the dirty set, unless what would release it
     /// already happened: the caller chose to go on alone, PRIM was fenced, or the
     /// reintegration of this session finished.
-    fn park(mut link: MutexGuard<'_, Link>, waiter: Waiter) {
+    fn park(&self, mut link: MutexGuard<'_, Link>, waiter: Waiter) {
         let outcome = match link.phase {
             Phase::Alone => Ok(()),
             Phase::Fenced => Err(libc::EIO),
@@ -266,7 +374,7 @@ impl Engine {
             Phase::Streaming | Phase::Stalled => return link.parked.push(waiter),
         };
         drop(link);
-        (waiter.done)(outcome);
+        self.answer(waiter.done, outcome);
     }
 
     /// The level a write waits for in this module's mode, if any.
@@ -288,26 +396,32 @@ impl Engine {
         }
     }
 
-    /// The caller recorded that the peer is not up to date: continue without it.
-    /// Parked writes return success.
-    pub fn go_alone(&self) {
+    /// The caller recorded that the peer is not up to date after the loss numbered
+    /// `lost`: continue without it. Parked writes return success.
+    pub fn go_alone(&self, lost: u64) -> Result<(), crate::MirrorError> {
         let parked = {
             let mut link = self.lock_link();
-            if link.phase != Phase::Stalled {
-                return;
+            if link.phase != Phase::Stalled || link.session != lost {
+                return Err(crate::MirrorError::Refused(format!(
+                    "no longer the loss numbered {lost} (now {:?}, session {})",
+                    link.phase, link.session
+                )));
             }
             link.phase = Phase::Alone;
             std::mem::take(&mut link.parked)
         };
         self.set_status(|s| s.phase = Phase::Alone);
         for waiter in parked {
-            (waiter.done)(Ok(()));
+            self.answer(waiter.done, Ok(()));
         }
+        Ok(())
     }
 
-    /// Stop acting as PRIM: every waiting and later change fails.
-    pub fn fence(&self) {
-        let _order = self.lock_order();
+    /// Stop acting as PRIM: every waiting and later change fails. The flag goes first,
+    /// without any lock, so that nothing is acknowledged from here on even while a
+    /// change holds the order lock; the waiters are failed under the link lock only.
+    pub fn fence(&self, reason: &str) {
+        let first = !self.fenced.swap(true, Ordering::SeqCst);
         let (parked, waiters) = {
             let mut link = self.lock_link();
             link.phase = Phase::Fenced;
@@ -325,17 +439,65 @@ impl Engine {
         for waiter in parked.into_iter().chain(waiters.into_values().flatten()) {
             (waiter.done)(Err(libc::EIO));
         }
+        if first {
+            tracing::warn!("fenced: {reason}");
+            self.event(Event::Fenced {
+                reason: reason.to_string(),
+            });
+        }
     }
 
-    /// Reintegration finished: the peer holds everything; parked writes return.
-    pub(crate) fn release_parked(&self) {
+    /// Fails (`EIO`) the application calls parked for longer than the park timeout:
+    /// nobody decided whether to go on without the peer, and an application must not
+    /// hang for ever. Their changes stay recorded for reintegration. Returns how many.
+    pub(crate) fn expire_parked(&self) -> usize {
+        let timeout = self.config.park_timeout;
+        let expired: Vec<Waiter> = {
+            let mut link = self.lock_link();
+            if link.parked.iter().all(|w| w.since.elapsed() < timeout) {
+                return 0;
+            }
+            let (expired, kept) = std::mem::take(&mut link.parked)
+                .into_iter()
+                .partition(|w| w.since.elapsed() >= timeout);
+            link.parked = kept;
+            expired
+        };
+        tracing::warn!(
+            count = expired.len(),
+            "failing writes parked for {timeout:?} with no decision about the peer"
+        );
+        let count = expired.len();
+        for waiter in expired {
+            (waiter.done)(Err(libc::EIO));
+        }
+        count
+    }
+
+    pub(crate) fn bytes_in_flight(&self) -> usize {
+        self.lock_link().in_flight_bytes
+    }
+
+    /// The parked application calls: how many, and how long the oldest has waited.
+    pub(crate) fn parked(&self) -> (usize, Option<std::time::Duration>) {
+        let link = self.lock_link();
+        let oldest = link.parked.iter().map(|w| w.since.elapsed()).max();
+        (link.parked.len(), oldest)
+    }
+
+    /// Reintegration finished in `session`: the peer holds everything; parked writes
+    /// return. Not once the session ended: waiters parked by its end were not covered.
+    pub(crate) fn release_parked(&self, session: u64) {
         let parked = {
             let mut link = self.lock_link();
+            if link.session != session || link.phase != Phase::Streaming {
+                return;
+            }
             link.in_step = true;
             std::mem::take(&mut link.parked)
         };
         for waiter in parked {
-            (waiter.done)(Ok(()));
+            self.answer(waiter.done, Ok(()));
         }
     }
 
@@ -405,7 +567,8 @@ mod tests {
         let engine = engine(&dir);
         // The change is parked while stalled; the caller decides before it waits.
         let ticket = parked_change(&engine);
-        engine.go_alone();
+        let lost = engine.lock_link().session;
+        engine.go_alone(lost).unwrap();
         assert_eq!(answer(&engine, ticket), Some(Ok(())));
     }
 
@@ -414,7 +577,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(&dir);
         let ticket = parked_change(&engine);
-        engine.fence();
+        engine.fence("test");
         assert_eq!(answer(&engine, ticket), Some(Err(libc::EIO)));
     }
 
@@ -430,7 +593,8 @@ mod tests {
             Box::new(move |r| tx.send(r).unwrap()),
         );
         assert!(rx.try_recv().is_err(), "answered before the decision");
-        engine.go_alone();
+        let lost = engine.lock_link().session;
+        engine.go_alone(lost).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
     }
 
@@ -439,13 +603,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(&dir);
         std::fs::write(dir.path().join("tree/f"), vec![1u8; 100]).unwrap();
-        // The copier sent zone 0 of f; SECOND reports it could not apply it, then
-        // acknowledges the sequence as durable, which settles the copier's send.
+        let (frames, _sent) = amps::unbounded_channel();
+        let session = engine
+            .start_session(frames, None, &Marks::default())
+            .unwrap();
+        // The copier sent zone 0 of f; SECOND reports it could not apply a later change
+        // of f, then acknowledges as durable the copier's send, which would settle it.
         let mut sent = Marks::default();
         sent.add_zone(b"f", 0);
         engine.add_dirty(&sent).unwrap();
-        engine.on_failed(b"f", "No space left on device");
-        engine.clear_dirty(&sent);
+        engine.on_failed(session, b"f", "No space left on device");
+        engine.clear_dirty(session, &sent);
         let dirty = engine.dirty();
         assert_eq!(
             dirty.zones.get(&b"f"[..]).map(|z| z.len()),
@@ -453,5 +621,84 @@ mod tests {
             "{dirty:?}"
         );
         assert!(dirty.paths.contains(&b"f"[..]));
+    }
+
+    #[test]
+    fn a_failure_from_second_parks_the_writes_waiting_for_its_acknowledgement() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        let (frames, _sent) = amps::unbounded_channel();
+        let session = engine
+            .start_session(frames, None, &Marks::default())
+            .unwrap();
+        engine.release_parked(session);
+        let change = engine.begin(Touch::path(b"f")).unwrap();
+        let ticket = change.commit(
+            Op::Unlink {
+                path: b"f".to_vec(),
+            },
+            &[],
+        );
+        let Ticket::Sent { seq, .. } = ticket else {
+            panic!("streaming: the change was sent");
+        };
+        let (tx, rx) = mpsc::channel();
+        engine.wait(
+            ticket,
+            Level::Durable,
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        // SECOND could not apply it, then acknowledges its sequence (the ack follows).
+        engine.on_failed(session, b"f", "Read-only file system");
+        engine.on_ack(session, seq, seq);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a change SECOND failed to apply was acknowledged"
+        );
+        assert_eq!(engine.phase(), Phase::Stalled);
+        // And reintegration finishing in the ended session releases nothing.
+        engine.release_parked(session);
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        let lost = engine.lock_link().session;
+        engine.go_alone(lost).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
+    }
+
+    #[test]
+    fn a_renamed_files_marks_are_under_its_new_name_before_the_rename_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        let mut pending = Marks::default();
+        pending.add_zone(b"d/f", 3);
+        engine.add_dirty(&pending).unwrap();
+        // Begun, not applied: a crash here must find the zone under the new name too.
+        let change = engine.begin(Touch::rename(b"d/f", b"g", false)).unwrap();
+        let book = engine.book.marks(MarkKind::Dirty).unwrap();
+        assert!(
+            book.zones.get(&b"g"[..]).is_some_and(|z| z.contains(&3)),
+            "{book:?}"
+        );
+        assert!(book.zones.get(&b"d/f"[..]).is_some_and(|z| z.contains(&3)));
+        drop(change);
+    }
+
+    #[test]
+    fn a_write_parked_past_the_park_timeout_fails_with_eio() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = engine(&dir);
+        engine.config.park_timeout = Duration::from_millis(100);
+        let ticket = parked_change(&engine);
+        let (tx, rx) = mpsc::channel();
+        engine.wait(
+            ticket,
+            Level::Received,
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        assert_eq!(engine.expire_parked(), 0, "expired before its time");
+        assert_eq!(engine.parked().0, 1);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(engine.expire_parked(), 1);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Err(libc::EIO)));
+        assert_eq!(engine.parked().0, 0);
     }
 }

@@ -27,7 +27,7 @@ impl Engine {
         order.dirty.extend(overwrite);
         let mut link = self.lock_link();
         if let Some(entries) = replay.filter(|e| !e.is_empty()) {
-            let epoch = self.config.epoch;
+            let epoch = self.epoch();
             let _ = frames.send(protocol::encode(&Down::Replay { epoch, entries }, &[]));
         }
         link.session += 1;
@@ -90,14 +90,7 @@ impl Engine {
         });
         self.link_changed.notify_all();
         for done in ready {
-            done(Ok(()));
-        }
-    }
-
-    pub(crate) fn on_heard(&self, session: u64) {
-        let mut link = self.lock_link();
-        if link.session == session {
-            link.last_heard = Instant::now();
+            self.answer(done, Ok(()));
         }
     }
 
@@ -111,9 +104,14 @@ impl Engine {
         }
     }
 
-    /// SECOND could not apply `seq` on `path`: reconcile the path (whole content).
-    pub(crate) fn on_failed(&self, path: &[u8], error: &str) {
-        tracing::warn!(path = %String::from_utf8_lossy(path), "SECOND failed to apply a change: {error}");
+    /// SECOND could not apply a change on `path` in `session`: its copy no longer holds
+    /// what it acknowledged, so it is not up to date. The path is marked for a whole
+    /// reconciliation and the session ends as if the peer were lost: waiters are
+    /// parked, never answered from this session's acknowledgements (the `Failed`
+    /// precedes the ack that covers its sequence), and the next session repairs it.
+    pub(crate) fn on_failed(&self, session: u64, path: &[u8], error: &str) {
+        let path_text = String::from_utf8_lossy(path).into_owned();
+        tracing::warn!(path = %path_text, "SECOND failed to apply a change: {error}");
         let mut order = self.lock_order();
         let mut marks = Marks::default();
         marks.add_path(path);
@@ -127,16 +125,16 @@ impl Engine {
                 marks.add_zone(path, zone);
             }
         }
-        order.failed.extend(&marks);
         if let Err(e) = self.record_dirty(&mut order, &marks) {
             tracing::error!("cannot record a divergence: errno {e}");
         }
-        drop(order);
-        self.diverged.notify_one();
-        let _ = self.events.send(Event::Diverged {
-            path: String::from_utf8_lossy(path).into_owned(),
+        let _ = self.events.send(Event::NotUpToDate {
+            session,
+            path: path_text.clone(),
             error: error.to_string(),
         });
+        let reason = format!("SECOND failed to apply a change on {path_text:?}: {error}");
+        self.end_session(&mut order, session, reason);
     }
 
     /// True when the current session heard nothing for the link timeout.
@@ -151,11 +149,18 @@ impl Engine {
     /// waiters are parked until the caller decides. Reported as [`Event::PeerLost`].
     pub(crate) fn stall(&self, session: u64, reason: String) {
         let mut order = self.lock_order();
+        self.end_session(&mut order, session, reason);
+    }
+
+    /// Ends `session` if it is still the current one and streaming; the caller holds
+    /// the order lock.
+    pub(super) fn end_session(&self, order: &mut Order, session: u64, reason: String) {
         let mut link = self.lock_link();
         if link.session != session || link.phase != Phase::Streaming {
             return;
         }
         link.session += 1;
+        let stalled = link.session;
         link.frames = None;
         link.phase = Phase::Stalled;
         link.in_flight.clear();
@@ -168,8 +173,7 @@ impl Engine {
             link.parked.extend(waiters);
         }
         drop(link);
-        self.intents_to_dirty(&mut order, durable);
-        drop(order);
+        self.intents_to_dirty(order, durable);
         self.link_changed.notify_all();
         tracing::warn!("replication peer lost: {reason}");
         self.set_status(|s| {
@@ -177,9 +181,12 @@ impl Engine {
             s.connected = false;
             s.last_error = Some(reason.clone());
         });
-        let _ = self.events.send(Event::PeerLost { reason });
+        let _ = self.events.send(Event::PeerLost {
+            session: stalled,
+            reason,
+        });
         if self.config.continue_alone {
-            self.go_alone();
+            let _ = self.go_alone(stalled);
         }
     }
 
@@ -191,7 +198,6 @@ impl Engine {
     pub(crate) fn send_current(
         &self,
         session: u64,
-        settles: &Marks,
         read: impl FnOnce(&Tree) -> std::io::Result<Option<(Op, Vec<u8>)>>,
     ) -> Result<Option<u64>, String> {
         self.wait_for_window();
@@ -199,8 +205,6 @@ impl Engine {
         if self.lock_link().session != session {
             return Err("the session ended".into());
         }
-        // Sent again: a failure from now on is a new one.
-        order.failed.remove(settles);
         let Some((op, data)) = read(&self.tree).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
@@ -229,13 +233,13 @@ impl Engine {
             }
             let frame = protocol::encode(
                 &Down::Ask {
-                    epoch: self.config.epoch,
+                    epoch: self.epoch(),
                     seq,
                     request,
                 },
                 &[],
             );
-            self.send_frame(frame, Some(seq))
+            self.send_frame(&mut order, frame, Some(seq))
                 .ok_or_else(|| "the session ended".to_string())?;
             rx
         };
@@ -288,8 +292,8 @@ impl Engine {
     ) -> Result<u64, String> {
         order.last_seq += 1;
         let seq = order.last_seq;
-        let frame = protocol::encode(&make(self.config.epoch, seq), data);
-        self.send_frame(frame, Some(seq))
+        let frame = protocol::encode(&make(self.epoch(), seq), data);
+        self.send_frame(order, frame, Some(seq))
             .ok_or_else(|| "the session ended".to_string())?;
         Ok(seq)
     }

@@ -181,7 +181,11 @@ impl MirrorFs {
         let file = fh.and_then(|fh| self.handle_file(fh).ok());
         let engine = self.engine.clone();
         let op_path = path.to_vec();
-        let touch = Touch::path(path).and_range(path, size, 1, engine.config.zone_size);
+        // Every zone between the old and the new size changes: cut away, or zeros
+        // where SECOND's copy may still hold bytes from before an earlier cut. A
+        // change racing this one marks what it touches itself.
+        let old_size = self.current_size(path, file.as_deref()).unwrap_or(size);
+        let touch = Touch::path(path).and_between(path, old_size, size, engine.config.zone_size);
         let (tx, rx) = std::sync::mpsc::channel();
         self.change(
             path,
@@ -214,6 +218,15 @@ impl MirrorFs {
         );
         // Without an acknowledgement level `change` answers before it returns.
         rx.recv().unwrap_or(Ok(()))
+    }
+
+    /// The size of `path` now, through its open handle when there is one.
+    fn current_size(&self, path: &[u8], file: Option<&OpenFile>) -> Option<u64> {
+        let stat = match file {
+            Some(file) => rustix::fs::fstat(file.as_fd()).ok()?,
+            None => self.engine.tree.stat(path).ok()??,
+        };
+        Some(stat.st_size as u64)
     }
 
     /// create: the file and its open handle (the umask is already applied to `mode`).
@@ -296,7 +309,7 @@ impl MirrorFs {
             },
             move |result| match (result, created.lock().expect("create slot").take()) {
                 (Ok(()), Some((attr, mode, backing))) => {
-                    let (fh, flags) = (FileHandle(fh), mode.open_flags(access));
+                    let (fh, flags) = (FileHandle(fh), mode.open_flags());
                     match backing {
                         Some(backing) => reply.created_passthrough(
                             &TTL,
@@ -331,8 +344,18 @@ impl MirrorFs {
             Ok(file) => file,
             Err(e) => return reply.error(e),
         };
-        let touch =
-            Touch::path(&path).and_range(&path, offset, length, self.engine.config.zone_size);
+        let zone_size = self.engine.config.zone_size;
+        let shifts =
+            rustix::fs::FallocateFlags::COLLAPSE_RANGE | rustix::fs::FallocateFlags::INSERT_RANGE;
+        let touch = if rustix::fs::FallocateFlags::from_bits_retain(mode as u32).intersects(shifts)
+        {
+            // Everything from `offset` on moves, and the end of the file with it.
+            let size = self.current_size(&path, Some(&*file)).unwrap_or(offset);
+            let end = size.max(offset).saturating_add(length);
+            Touch::path(&path).and_between(&path, offset, end, zone_size)
+        } else {
+            Touch::path(&path).and_range(&path, offset, length, zone_size)
+        };
         let op = Op::Fallocate {
             path: path.clone(),
             mode,

@@ -1,7 +1,8 @@
 //! Open files and directories. A file handle is cached, direct or passthrough, following
 //! the kernel's rules for mixing I/O modes on one inode (fs/fuse/iomode.c): a
 //! passthrough open fails while a cached open exists, and once a passthrough open
-//! exists every other open must be passthrough too. Direct opens take no inode I/O
+//! exists every other open must be passthrough too (so a writable one is refused:
+//! see [`mode_for`]). Direct opens take no inode I/O
 //! mode in the kernel, so they mix with either; we never mix them with cached opens,
 //! whose cached pages older kernels (5.x's `fuse_direct_io`) leave stale under a
 //! direct write. [`mode_for`] decides.
@@ -20,6 +21,7 @@ use rustix::fs::OFlags;
 
 use super::attrs::{errno_of, file_type};
 use super::inodes::Node;
+use super::namespace::is_linked_file;
 use super::MirrorFs;
 use crate::protocol::Kind;
 use crate::tree::WriteBehind;
@@ -28,8 +30,8 @@ use crate::tree::WriteBehind;
 pub(super) enum IoMode {
     /// Reads and writes come here; the kernel keeps the file's pages in its cache.
     Cached,
-    /// Read-only: the kernel reads the real file itself. Writable (joining read-only
-    /// passthrough opens): reads and writes come here uncached, mmap goes to the file.
+    /// Read-only: the kernel reads (and maps) the real file itself. Never writable
+    /// (see [`mode_for`]).
     Passthrough,
     /// Reads and writes come here, bypassing the kernel's page cache: write-only opens
     /// (nothing there to cache, and each write is copied once instead of twice), and
@@ -55,19 +57,24 @@ impl Access {
     }
 }
 
-/// The I/O mode of a new open of `node`. Keeps the invariant that an inode never has
-/// cached opens beside passthrough or direct ones. `passthrough`: the kernel accepted
-/// passthrough and a backing file may be registered for this open.
-pub(super) fn mode_for(node: &Node, access: Access, passthrough: bool) -> IoMode {
-    match access {
+/// The I/O mode of a new open of `node`, `None` when the open must be refused. Keeps
+/// the invariant that an inode never has cached opens beside passthrough or direct
+/// ones, and that nothing can write the real file past replication. `passthrough`: the
+/// kernel accepted passthrough and a backing file may be registered for this open.
+///
+/// A writable open of an inode with passthrough opens is refused: the kernel requires
+/// it to be passthrough too, and then maps a shared writable `mmap` of it straight onto
+/// the real file (and `msync` syncs that file), so its writes would never reach SECOND.
+pub(super) fn mode_for(node: &Node, access: Access, passthrough: bool) -> Option<IoMode> {
+    Some(match access {
         Access::ReadOnly if passthrough && node.cached_opens == 0 => IoMode::Passthrough,
         Access::ReadOnly if node.direct_opens > 0 => IoMode::Direct,
         Access::ReadOnly => IoMode::Cached,
-        _ if node.passthrough_opens > 0 => IoMode::Passthrough,
+        _ if node.passthrough_opens > 0 => return None,
         Access::WriteOnly if node.cached_opens == 0 => IoMode::Direct,
         Access::ReadWrite if node.direct_opens > 0 => IoMode::Direct,
         Access::WriteOnly | Access::ReadWrite => IoMode::Cached,
-    }
+    })
 }
 
 impl IoMode {
@@ -81,10 +88,10 @@ impl IoMode {
 
     /// What the open's reply tells the kernel (passthrough itself is added by the
     /// passthrough reply).
-    pub(super) fn open_flags(self, access: Access) -> FopenFlags {
-        match (self, access) {
-            (IoMode::Cached, _) | (IoMode::Passthrough, Access::ReadOnly) => FopenFlags::empty(),
-            (IoMode::Direct, _) | (IoMode::Passthrough, _) => FopenFlags::FOPEN_DIRECT_IO,
+    pub(super) fn open_flags(self) -> FopenFlags {
+        match self {
+            IoMode::Cached | IoMode::Passthrough => FopenFlags::empty(),
+            IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
         }
     }
 }
@@ -99,7 +106,7 @@ pub(super) fn admit(
     passthrough: bool,
     open_backing: impl FnOnce() -> std::io::Result<BackingId>,
 ) -> Result<(IoMode, Option<Arc<BackingId>>), Errno> {
-    let mut mode = mode_for(node, access, passthrough);
+    let mut mode = mode_for(node, access, passthrough).ok_or(Errno::ETXTBSY)?;
     let mut backing = None;
     if mode == IoMode::Passthrough {
         let shared = match node.backing.upgrade() {
@@ -115,7 +122,7 @@ pub(super) fn admit(
             Err(_) if node.passthrough_opens > 0 => return Err(Errno::EIO),
             Err(e) => {
                 tracing::debug!("no passthrough for an open: {e}");
-                mode = mode_for(node, access, false);
+                mode = mode_for(node, access, false).ok_or(Errno::ETXTBSY)?;
             }
         }
     }
@@ -179,10 +186,21 @@ impl MirrorFs {
         let keep = OFlags::from_bits_retain(
             (raw & (libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME)) as u32,
         );
-        let file = match self.engine.tree.open_at(&path, keep, 0) {
-            Ok(fd) => OpenFile::new(fd),
+        let fd = match self.engine.tree.open_at(&path, keep, 0) {
+            Ok(fd) => fd,
             Err(e) => return reply.error(errno_of(e)),
         };
+        if access != Access::ReadOnly {
+            let linked = rustix::fs::fstat(&fd).is_ok_and(|stat| is_linked_file(&stat));
+            if linked {
+                tracing::warn!(
+                    path = %String::from_utf8_lossy(&path),
+                    "refused to open a file with several hard links for writing"
+                );
+                return reply.error(Errno::EMLINK);
+            }
+        }
+        let file = OpenFile::new(fd);
         let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
         let mut inodes = self.inodes();
         let Some(node) = inodes.nodes.get_mut(&ino.0) else {
@@ -193,7 +211,17 @@ impl MirrorFs {
             reply.open_backing(file.as_fd())
         }) {
             Ok(admitted) => admitted,
-            Err(e) => return reply.error(e),
+            Err(e) => {
+                if e == Errno::ETXTBSY {
+                    tracing::warn!(
+                        path = %String::from_utf8_lossy(&path),
+                        "refused to open a file for writing while it is open read-only through \
+                         passthrough (its mmap writes would not be replicated); close the \
+                         readers first, or run the module with passthrough off"
+                    );
+                }
+                return reply.error(e);
+            }
         };
         drop(inodes);
         self.handles.lock().expect("handle lock").insert(
@@ -205,7 +233,7 @@ impl MirrorFs {
                 _backing: backing.clone(),
             },
         );
-        let flags = mode.open_flags(access);
+        let flags = mode.open_flags();
         match backing {
             Some(backing) => reply.opened_passthrough(FileHandle(fh), flags, &backing),
             None => reply.opened(FileHandle(fh), flags),
@@ -295,7 +323,7 @@ mod tests {
             let node = node(cached, passthrough, direct);
             assert_eq!(
                 mode_for(&node, access, available),
-                expected,
+                Some(expected),
                 "opens {:?} + {access:?}, passthrough available: {available}",
                 (cached, passthrough, direct)
             );
@@ -309,7 +337,6 @@ mod tests {
             ((0, 0, 0), W, true, Direct),
             ((0, 0, 2), W, true, Direct),
             ((1, 0, 0), W, true, Cached),
-            ((0, 1, 0), W, true, Passthrough),
         ]);
     }
 
@@ -320,7 +347,6 @@ mod tests {
             ((0, 0, 0), RW, true, Cached),
             ((3, 0, 0), RW, true, Cached),
             ((0, 0, 1), RW, true, Direct),
-            ((0, 1, 1), RW, true, Passthrough),
         ]);
     }
 
@@ -347,10 +373,27 @@ mod tests {
         // Passthrough opens exist but their backing file is gone: refuse, count nothing.
         let mut joining = node(0, 1, 0);
         assert_eq!(
-            admit(&mut joining, Access::WriteOnly, true, no_kernel).unwrap_err(),
+            admit(&mut joining, Access::ReadOnly, true, no_kernel).unwrap_err(),
             Errno::EIO
         );
         assert_eq!(joining.passthrough_opens + joining.direct_opens, 1);
+    }
+
+    #[test]
+    fn a_writable_open_beside_passthrough_opens_is_refused() {
+        let kernel = || -> std::io::Result<BackingId> { panic!("no backing file is asked for") };
+        for access in [Access::WriteOnly, Access::ReadWrite] {
+            for available in [true, false] {
+                let mut node = node(0, 2, 1);
+                let refused = admit(&mut node, access, available, kernel).unwrap_err();
+                assert_eq!(refused, Errno::ETXTBSY, "{access:?}");
+                assert_eq!(
+                    (node.cached_opens, node.passthrough_opens, node.direct_opens),
+                    (0, 2, 1),
+                    "nothing counted"
+                );
+            }
+        }
     }
 
     /// Any sequence of opens and closes keeps cached opens apart from the other modes.
@@ -369,7 +412,11 @@ mod tests {
                     let mode = open.swap_remove((state >> 8) as usize % open.len());
                     *mode.opens(&mut node) -= 1;
                 } else {
-                    let mode = mode_for(&node, accesses[(state >> 8) as usize % 3], passthrough);
+                    let access = accesses[(state >> 8) as usize % 3];
+                    let Some(mode) = mode_for(&node, access, passthrough) else {
+                        assert!(node.passthrough_opens > 0 && access != Access::ReadOnly);
+                        continue;
+                    };
                     *mode.opens(&mut node) += 1;
                     open.push(mode);
                 }

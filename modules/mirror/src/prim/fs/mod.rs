@@ -245,6 +245,9 @@ impl Filesystem for MirrorFs {
             Ok(path) => path,
             Err(e) => return reply.error(e),
         };
+        if let Err(e) = self.refuse_if_linked(&path) {
+            return reply.error(e);
+        }
         if let Some(size) = size {
             if let Err(e) = self
                 .drop_set_id_unless_privileged(req, &path)
@@ -337,12 +340,12 @@ impl Filesystem for MirrorFs {
     fn link(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.make_link(ino, newparent, newname, reply);
+        self.make_link(reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -393,7 +396,21 @@ impl Filesystem for MirrorFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // `fsync` mode: writes return before SECOND has them; a close (each close
+        // flushes) returns once SECOND received every change before it, as a write
+        // does in `write` mode. Otherwise every write already waited.
+        if self.engine.config.ack != crate::AckMode::Fsync {
+            return reply.ok();
+        }
+        let ticket = self.engine.barrier();
+        self.engine.wait(
+            ticket,
+            Level::Received,
+            Box::new(move |result| match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }),
+        );
     }
 
     fn release(
@@ -486,6 +503,7 @@ impl Filesystem for MirrorFs {
         reply: ReplyEmpty,
     ) {
         let op = match self.path(ino) {
+            Ok(path) if self.refuse_if_linked(&path).is_err() => return reply.error(Errno::EMLINK),
             Ok(path) => Op::SetXattr {
                 path,
                 name: name.as_bytes().to_vec(),
@@ -519,6 +537,7 @@ impl Filesystem for MirrorFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let op = match self.path(ino) {
+            Ok(path) if self.refuse_if_linked(&path).is_err() => return reply.error(Errno::EMLINK),
             Ok(path) => Op::RemoveXattr {
                 path,
                 name: name.as_bytes().to_vec(),

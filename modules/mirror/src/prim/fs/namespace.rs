@@ -105,21 +105,29 @@ impl MirrorFs {
         self.create_entry(parent, link_name, op, reply);
     }
 
-    pub(super) fn make_link(
-        &self,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        let from = match self.path(ino) {
-            Ok(path) => path,
-            Err(e) => return reply.error(e),
-        };
-        let Ok(to) = self.child(newparent, newname) else {
-            return reply.error(Errno::ENOENT);
-        };
-        self.create_entry(newparent, newname, Op::Link { from, to }, reply);
+    pub(super) fn make_link(&self, reply: ReplyEntry) {
+        // Hard links are refused (as SafeKit does): the bookkeeping names paths, so a
+        // change through one name would not be known under the other, and SECOND's
+        // copy would hold two files where PRIM has one.
+        tracing::warn!("refused to create a hard link in the replicated directory");
+        reply.error(Errno::EPERM)
+    }
+
+    /// Refuses to change a regular file that has several names (a hard link made
+    /// before the directory was replicated): the change would reach SECOND under one
+    /// name only. `EMLINK`, "too many links".
+    pub(super) fn refuse_if_linked(&self, path: &[u8]) -> Result<(), Errno> {
+        match self.engine.tree.stat(path) {
+            Ok(Some(stat)) if is_linked_file(&stat) => {
+                tracing::warn!(
+                    path = %String::from_utf8_lossy(path),
+                    links = stat.st_nlink,
+                    "refused to change a file with several hard links"
+                );
+                Err(Errno::EMLINK)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Creates an entry through `op`, then answers with its attributes.
@@ -207,8 +215,8 @@ impl MirrorFs {
             to: to.clone(),
             flags: flags.bits(),
         };
-        let touch = Touch::path(&parent_of(&from)).and_path(&parent_of(&to));
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let touch = Touch::rename(&from, &to, exchange);
         let renamed = || {
             let (name, newname) = (name.as_bytes(), newname.as_bytes());
             self.inodes()
@@ -216,4 +224,9 @@ impl MirrorFs {
         };
         self.apply_change(&from, touch, op, Vec::new(), renamed, reply);
     }
+}
+
+/// A regular file with more than one name.
+pub(super) fn is_linked_file(stat: &rustix::fs::Stat) -> bool {
+    crate::tree::kind_of(stat.st_mode) == Kind::File && stat.st_nlink > 1
 }

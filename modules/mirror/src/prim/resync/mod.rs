@@ -97,7 +97,7 @@ impl Copier<'_> {
             if dirty.is_empty() {
                 let point = SyncPoint {
                     id: rand::random(),
-                    epoch: self.engine.config.epoch,
+                    epoch: self.engine.epoch(),
                 };
                 let Some(seq) = self.engine.send_sync_point(self.session, point)? else {
                     continue; // Something became dirty in between.
@@ -110,8 +110,9 @@ impl Copier<'_> {
                     .map_err(|e| e.to_string())?;
                 self.progress.done = true;
                 self.publish();
-                self.engine.release_parked();
+                self.engine.release_parked(self.session);
                 self.engine.event(Event::Synced {
+                    session: self.session,
                     bytes_sent: self.progress.bytes_sent,
                     examined: self.progress.examined,
                 });
@@ -247,7 +248,7 @@ impl Copier<'_> {
         if !excluded.is_empty() {
             let mut marks = Marks::default();
             excluded.iter().for_each(|p| marks.add_path(p));
-            engine.clear_dirty(&marks);
+            engine.clear_dirty(self.session, &marks);
         }
         for chunk in paths.chunks(PROBE_CHUNK) {
             let Answer::Probe(remote) = self.ask(Request::Probe {
@@ -339,7 +340,7 @@ impl Copier<'_> {
             if self.engine.not_replicated(path) {
                 let mut marks = Marks::default();
                 zones.iter().for_each(|z| marks.add_zone(path, *z));
-                self.engine.clear_dirty(&marks);
+                self.engine.clear_dirty(self.session, &marks);
                 continue;
             }
             self.examine(path);
@@ -366,7 +367,7 @@ impl Copier<'_> {
         read: impl FnOnce(&crate::tree::Tree) -> std::io::Result<Option<(Op, Vec<u8>)>>,
     ) -> Result<usize, String> {
         let mut sent = 0;
-        let seq = self.engine.send_current(self.session, &settles, |tree| {
+        let seq = self.engine.send_current(self.session, |tree| {
             let out = read(tree)?;
             if let Some((_, data)) = &out {
                 sent = data.len();
@@ -392,7 +393,7 @@ impl Copier<'_> {
             settled.extend(&marks);
         }
         if !settled.is_empty() {
-            self.engine.clear_dirty(&settled);
+            self.engine.clear_dirty(self.session, &settled);
         }
     }
 
@@ -407,7 +408,7 @@ impl Copier<'_> {
         for (_, marks) in self.pending.drain(..) {
             settled.extend(&marks);
         }
-        self.engine.clear_dirty(&settled);
+        self.engine.clear_dirty(self.session, &settled);
         self.publish();
         Ok(())
     }
