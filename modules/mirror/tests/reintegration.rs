@@ -167,29 +167,6 @@ async fn a_file_cut_and_regrown_while_second_is_away_reads_as_zeros_on_second() 
     assert_same_trees(&a, &b);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_sync_sets_a_symlinks_attributes_on_the_link_not_its_target() {
-    use std::os::unix::fs::PermissionsExt;
-    let mut pair = Pair::new(AckMode::Write);
-    let a = pair.dir("a");
-    std::fs::write(a.join("a-file"), b"secret").unwrap();
-    std::fs::set_permissions(a.join("a-file"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::os::unix::fs::symlink("a-file", a.join("z-link")).unwrap();
-    let addr = pair.start_second("b", "127.0.0.1:0");
-    pair.start_prim(pair.prim_config("a", addr, 1));
-    pair.wait_synced().await;
-    let mode = std::fs::metadata(pair.dir("b").join("a-file"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(
-        mode & 0o7777,
-        0o600,
-        "the symlink's mode went to its target"
-    );
-    assert_same_trees(&a, &pair.dir("b"));
-}
-
 /// SECOND goes away; PRIM writes `files` files of 1 MiB alone. Returns the bytes changed.
 async fn change_while_second_is_away(pair: &mut Pair, files: usize) -> u64 {
     drop(pair.second.take());

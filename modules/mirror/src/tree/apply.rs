@@ -420,4 +420,31 @@ mod tests {
         assert_eq!(tree.meta(b"x").unwrap().unwrap(), meta);
         assert_eq!(tree.list(b"").unwrap().len(), 1);
     }
+
+    #[test]
+    fn a_mode_change_on_a_symlink_never_reaches_its_target() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("tree"), dir.path().join("outside"));
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(&outside, b"not in the tree").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("s")).unwrap();
+        let tree = Tree::open(&root).unwrap();
+        let op = Op::SetAttr {
+            path: b"s".to_vec(),
+            perm: Some(0o666),
+            uid: None,
+            gid: None,
+            atime: None,
+            mtime: None,
+        };
+        tree.apply(&op, &[]).unwrap();
+        let mode = std::fs::metadata(&outside).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o7777,
+            0o600,
+            "chmod followed the symlink out of the tree"
+        );
+    }
 }
