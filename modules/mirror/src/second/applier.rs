@@ -392,7 +392,15 @@ impl SyncJob {
 
     /// Syncs and advances the durable watermark.
     fn run(self, shared: &Shared, watermarks: &Watermarks) -> Result<(), SyncFailure> {
-        match self.targets.sync(&shared.tree) {
+        let result = self.targets.sync(&shared.tree);
+        tracing::debug!(
+            seq = self.seq,
+            paths = self.paths.len(),
+            all = matches!(self.targets, Targets::All),
+            ok = result.is_ok(),
+            "synced"
+        );
+        match result {
             Ok(()) => {
                 advance_durable(shared, watermarks, self.seq);
                 Ok(())
