@@ -405,12 +405,10 @@ impl Drop for FailingDevice {
     }
 }
 
-// Fails today, and shows why: SECOND's syncs now fail their session and never advance
-// the durable watermark past a failed one, but ext4 leaves the range whose writeback
-// failed unreadable (zeros) even after it is rewritten in place and an fsync succeeds
-// (reproduced without Rampart). The repair must replace such a file (a new inode),
-// not rewrite its zones. Open on issue 14.
-#[ignore = "a file whose writeback failed must be replaced on SECOND, not rewritten: issue 14"]
+/// A failed sync is never taken for durable, and what it covered is repaired: ext4
+/// leaves a range whose writeback failed reading as zeros even after an in-place
+/// rewrite and a successful fsync (seen here without Rampart), so SECOND removes such
+/// files before the next session and PRIM sends them whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sync_on_second_is_never_taken_for_durable() {
     let mut device = FailingDevice::new(AckMode::Durable);

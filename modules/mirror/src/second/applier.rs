@@ -256,7 +256,7 @@ fn apply_in<'scope, 'env>(
             None => {}
         }
         if unsynced.behind.as_ref().is_some_and(|b| b.is_finished()) {
-            wait_behind(&mut unsynced, watermarks, up);
+            wait_behind(shared, &mut unsynced, watermarks, up);
         }
         if unsynced
             .since
@@ -333,10 +333,10 @@ fn sync(
     watermarks: &Watermarks,
     up: &amps::UnboundedSender<Up>,
 ) -> bool {
-    wait_behind(unsynced, watermarks, up);
+    wait_behind(shared, unsynced, watermarks, up);
     if let Some(job) = SyncJob::take(&shared.tree, unsynced) {
         if let Err(failure) = job.run(shared, watermarks) {
-            failure.report(watermarks, up);
+            failure.report(shared, watermarks, up);
         }
     }
     !watermarks.poisoned.load(Ordering::SeqCst)
@@ -358,7 +358,7 @@ fn sync_behind<'scope, 'env>(
     if unsynced.behind.as_ref().is_some_and(|b| !b.is_finished()) {
         return;
     }
-    wait_behind(unsynced, watermarks, up);
+    wait_behind(shared, unsynced, watermarks, up);
     if let Some(job) = SyncJob::take(&shared.tree, unsynced) {
         unsynced.behind = Some(scope.spawn(move || job.run(shared, watermarks)));
     }
@@ -419,9 +419,25 @@ impl SyncFailure {
     /// not on disk (PostgreSQL's "fsyncgate"). Never retried: the durable watermark
     /// stops for the rest of the session and PRIM is told, which ends the session and
     /// resends what it had not seen durable.
-    fn report(self, watermarks: &Watermarks, up: &amps::UnboundedSender<Up>) {
+    ///
+    /// The files it covered are damaged beyond an in-place repair: ext4 leaves a range
+    /// whose writeback failed reading as zeros even after it is rewritten and synced.
+    /// They are recorded (the book's dirty set, which PRIM is told at the next
+    /// session) and removed before that session, so that PRIM sends them whole, into
+    /// new files.
+    fn report(self, shared: &Shared, watermarks: &Watermarks, up: &amps::UnboundedSender<Up>) {
         tracing::error!("syncing the copy failed: {}", self.error);
         watermarks.poisoned.store(true, Ordering::SeqCst);
+        let mut damaged = rampart_storage::Marks::default();
+        self.paths.iter().for_each(|path| damaged.add_path(path));
+        if let Err(e) = shared.book.add(MarkKind::Dirty, &damaged) {
+            tracing::error!("cannot record the files a failed sync covered: {e}");
+        }
+        shared
+            .damaged
+            .lock()
+            .expect("damaged lock")
+            .extend(self.paths.iter().cloned());
         let path = self.paths.into_iter().next().unwrap_or_default();
         let _ = up.send(Up::Failed {
             seq: watermarks.durable.load(Ordering::SeqCst) + 1,
@@ -432,13 +448,18 @@ impl SyncFailure {
 }
 
 /// Waits for the periodic sync under way, if any.
-fn wait_behind(unsynced: &mut Unsynced, watermarks: &Watermarks, up: &amps::UnboundedSender<Up>) {
+fn wait_behind(
+    shared: &Shared,
+    unsynced: &mut Unsynced,
+    watermarks: &Watermarks,
+    up: &amps::UnboundedSender<Up>,
+) {
     let Some(behind) = unsynced.behind.take() else {
         return;
     };
     match behind.join() {
         Ok(Ok(())) => {}
-        Ok(Err(failure)) => failure.report(watermarks, up),
+        Ok(Err(failure)) => failure.report(shared, watermarks, up),
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }

@@ -100,6 +100,9 @@ struct Shared {
     session_epoch: AtomicU64,
     /// Held while a new session takes over from the current one.
     handover: tokio::sync::Mutex<()>,
+    /// Files a failed sync covered: removed before the next session (see
+    /// `SyncFailure::report`).
+    damaged: Mutex<std::collections::BTreeSet<crate::protocol::RelPath>>,
     status: Mutex<SecondStatus>,
     /// The current session's applier; whoever ends first (the session or the drop of
     /// [`Secondary`]) joins it, so that the book is never written during process exit.
@@ -144,6 +147,7 @@ impl Secondary {
             generation: tokio::sync::watch::channel(0).0,
             session_epoch: AtomicU64::new(0),
             handover: tokio::sync::Mutex::new(()),
+            damaged: Mutex::new(Default::default()),
             status: Mutex::new(SecondStatus::default()),
             applier: Mutex::new(None),
             backlog: Mutex::new(Arc::new(Backlog::new())),
@@ -332,6 +336,7 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     shared.session_epoch.store(epoch, Ordering::SeqCst);
     // Silent for twice PRIM's link timeout (it pings every quarter of it): gone.
     let silent_after = Duration::from_millis(link_timeout_ms.max(250) * 2);
+    remove_damaged(shared);
     let mut overwrite = shared.book.marks(MarkKind::Intent)?;
     overwrite.extend(&shared.book.marks(MarkKind::Dirty)?);
     let welcome = Up::Welcome {
@@ -497,6 +502,29 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
         status.peer = None;
     }
     read_result
+}
+
+/// Removes the regular files a failed sync covered; they are in the dirty set PRIM is
+/// told, and come back whole.
+fn remove_damaged(shared: &Shared) {
+    let damaged = std::mem::take(&mut *shared.damaged.lock().expect("damaged lock"));
+    for path in damaged {
+        let is_file = matches!(shared.tree.meta(&path), Ok(Some(meta)) if meta.kind == crate::protocol::Kind::File);
+        if !is_file {
+            continue;
+        }
+        let removed = shared
+            .tree
+            .apply(&crate::protocol::Op::Unlink { path: path.clone() }, &[]);
+        match removed {
+            Ok(()) => {
+                tracing::warn!(path = %String::from_utf8_lossy(&path), "removed a file a failed sync left damaged")
+            }
+            Err(e) => {
+                tracing::error!(path = %String::from_utf8_lossy(&path), "cannot remove a damaged file: {e}")
+            }
+        }
+    }
 }
 
 /// Whether a PRIM of `epoch` with zones of `zone_size` may start a session.
