@@ -36,6 +36,8 @@ const CF_META: &str = "meta";
 const KEY_SYNC_POINT: &[u8] = b"sync_point";
 /// The oldest mirror epoch this node accepts a PRIM of (SECOND's fence).
 const KEY_MIN_EPOCH: &[u8] = b"min_epoch";
+/// Files a failed sync covered on SECOND, to be removed before the next session.
+const KEY_DAMAGED: &[u8] = b"damaged";
 const KEY_JOURNAL_OVERFLOW: &[u8] = b"journal_overflow";
 
 /// Journal entries kept at most; beyond, renames are no longer replayed and the paths
@@ -450,6 +452,27 @@ impl ReplicationBook {
         Ok(current.max(epoch))
     }
 
+    /// The files SECOND recorded as damaged by a failed sync.
+    pub fn damaged(&self) -> Result<Vec<Vec<u8>>, BookError> {
+        let Some(bytes) = self.db.get_cf(cf(&self.db, CF_META), KEY_DAMAGED)? else {
+            return Ok(Vec::new());
+        };
+        let (paths, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .map_err(|e| BookError::Corrupt(format!("damaged files: {e}")))?;
+        Ok(paths)
+    }
+
+    /// Replaces the list of damaged files; on disk when this returns.
+    pub fn set_damaged(&self, paths: &[Vec<u8>]) -> Result<(), BookError> {
+        let family = cf(&self.db, CF_META);
+        if paths.is_empty() {
+            return Ok(self.db.delete_cf_opt(family, KEY_DAMAGED, &synced())?);
+        }
+        let bytes = bincode::serde::encode_to_vec(paths, bincode::config::standard())
+            .expect("paths always encode");
+        Ok(self.db.put_cf_opt(family, KEY_DAMAGED, bytes, &synced())?)
+    }
+
     /// Records (or with `None` forgets) the sync point; on disk when this returns.
     pub fn set_sync_point(&self, point: Option<SyncPoint>) -> Result<(), BookError> {
         let family = cf(&self.db, CF_META);
@@ -608,5 +631,22 @@ mod tests {
             book.marks(MarkKind::Intent).unwrap(),
             marks(&[("d/f", 3), ("e/f", 3)], &["d/g", "e/g"])
         );
+    }
+
+    #[test]
+    fn damaged_files_survive_a_restart_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let book = ReplicationBook::open(dir.path()).unwrap();
+            assert!(book.damaged().unwrap().is_empty());
+            book.set_damaged(&[b"d/f".to_vec(), b"g".to_vec()]).unwrap();
+        }
+        let book = ReplicationBook::open(dir.path()).unwrap();
+        assert_eq!(
+            book.damaged().unwrap(),
+            vec![b"d/f".to_vec(), b"g".to_vec()]
+        );
+        book.set_damaged(&[]).unwrap();
+        assert!(book.damaged().unwrap().is_empty());
     }
 }

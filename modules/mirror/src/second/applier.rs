@@ -433,11 +433,13 @@ impl SyncFailure {
         if let Err(e) = shared.book.add(MarkKind::Dirty, &damaged) {
             tracing::error!("cannot record the files a failed sync covered: {e}");
         }
-        shared
-            .damaged
-            .lock()
-            .expect("damaged lock")
-            .extend(self.paths.iter().cloned());
+        let mut known = shared.damaged.lock().expect("damaged lock");
+        known.extend(self.paths.iter().cloned());
+        let listed: Vec<RelPath> = known.iter().cloned().collect();
+        drop(known);
+        if let Err(e) = shared.book.set_damaged(&listed) {
+            tracing::error!("cannot record the files a failed sync covered: {e}");
+        }
         let path = self.paths.into_iter().next().unwrap_or_default();
         let _ = up.send(Up::Failed {
             seq: watermarks.durable.load(Ordering::SeqCst) + 1,

@@ -101,7 +101,7 @@ struct Shared {
     /// Held while a new session takes over from the current one.
     handover: tokio::sync::Mutex<()>,
     /// Files a failed sync covered: removed before the next session (see
-    /// `SyncFailure::report`).
+    /// `SyncFailure::report`); the book keeps the list across restarts.
     damaged: Mutex<std::collections::BTreeSet<crate::protocol::RelPath>>,
     status: Mutex<SecondStatus>,
     /// The current session's applier; whoever ends first (the session or the drop of
@@ -125,6 +125,7 @@ impl Secondary {
         // The book first: its lock proves no live SECOND serves this copy.
         let book = ReplicationBook::open(&config.book)?;
         let book_min_epoch = book.min_epoch()?;
+        let book_damaged = book.damaged()?;
         let tree = crate::leftovers::open_tree_for_role(&config.dir)?;
         // Bound here, for the error; registered with the I/O thread's runtime there.
         let listener =
@@ -147,7 +148,7 @@ impl Secondary {
             generation: tokio::sync::watch::channel(0).0,
             session_epoch: AtomicU64::new(0),
             handover: tokio::sync::Mutex::new(()),
-            damaged: Mutex::new(Default::default()),
+            damaged: Mutex::new(book_damaged.into_iter().collect()),
             status: Mutex::new(SecondStatus::default()),
             applier: Mutex::new(None),
             backlog: Mutex::new(Arc::new(Backlog::new())),
@@ -507,23 +508,26 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
 /// Removes the regular files a failed sync covered; they are in the dirty set PRIM is
 /// told, and come back whole.
 fn remove_damaged(shared: &Shared) {
-    let damaged = std::mem::take(&mut *shared.damaged.lock().expect("damaged lock"));
-    for path in damaged {
-        let is_file = matches!(shared.tree.meta(&path), Ok(Some(meta)) if meta.kind == crate::protocol::Kind::File);
+    let mut known = shared.damaged.lock().expect("damaged lock");
+    for path in std::mem::take(&mut *known) {
+        let shown = String::from_utf8_lossy(&path).into_owned();
+        let is_file = matches!(
+            shared.tree.meta(&path),
+            Ok(Some(meta)) if meta.kind == crate::protocol::Kind::File
+        );
         if !is_file {
             continue;
         }
-        let removed = shared
+        match shared
             .tree
-            .apply(&crate::protocol::Op::Unlink { path: path.clone() }, &[]);
-        match removed {
-            Ok(()) => {
-                tracing::warn!(path = %String::from_utf8_lossy(&path), "removed a file a failed sync left damaged")
-            }
-            Err(e) => {
-                tracing::error!(path = %String::from_utf8_lossy(&path), "cannot remove a damaged file: {e}")
-            }
+            .apply(&crate::protocol::Op::Unlink { path }, &[])
+        {
+            Ok(()) => tracing::warn!(path = %shown, "removed a file a failed sync left damaged"),
+            Err(e) => tracing::error!(path = %shown, "cannot remove a damaged file: {e}"),
         }
+    }
+    if let Err(e) = shared.book.set_damaged(&[]) {
+        tracing::error!("cannot clear the list of damaged files: {e}");
     }
 }
 
