@@ -57,23 +57,21 @@ pub(crate) fn open_tree_for_role(dir: &Path) -> Result<Tree, MirrorError> {
     Ok(tree)
 }
 
-/// Removes the mounts a killed PRIM or SECOND left at `dir`, topmost first, and says
-/// what it removed. Stops at the first mount that is not one of them.
-fn remove_leftover_mounts(dir: &Path) -> io::Result<Vec<String>> {
+/// Removes the mounts a killed PRIM or SECOND left at `dir`, topmost first, logging
+/// each. Stops at the first mount that is not one of them.
+fn remove_leftover_mounts(dir: &Path) -> io::Result<()> {
     let dir = absolute_without_following(dir)?;
-    let mut removed = Vec::new();
     // Each round removes one; a bound in case the table does not change under us.
     for _ in 0..16 {
         let table = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo")?).into_owned();
         let entries: Vec<MountEntry> = table.lines().filter_map(parse_line).collect();
         let Some(what) = leftover_on_top(&entries, &dir) else {
-            return Ok(removed);
+            return Ok(());
         };
         unmount(&dir, UnmountFlags::DETACH).map_err(|e| {
             io::Error::other(format!("cannot remove {what} at {}: {e}", dir.display()))
         })?;
         tracing::warn!(dir = %dir.display(), "removed {what} a previous run left");
-        removed.push(what);
     }
     Err(io::Error::other(format!(
         "mounts at {} keep coming back",

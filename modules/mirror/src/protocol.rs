@@ -17,6 +17,14 @@ use serde::{Deserialize, Serialize};
 /// component, no leading `/`; empty for the directory itself.
 pub type RelPath = Vec<u8>;
 
+/// The directory holding `path` (empty for an entry of the replicated directory).
+pub fn parent_of(path: &[u8]) -> RelPath {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(slash) => path[..slash].to_vec(),
+        None => Vec::new(),
+    }
+}
+
 /// Seconds and nanoseconds since the epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Time {

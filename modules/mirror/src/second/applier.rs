@@ -16,7 +16,7 @@ use rustix::fs::OFlags;
 use tokio::sync::mpsc as amps;
 
 use super::*;
-use crate::protocol::{Answer, Down, Op, RelPath, Request, Up};
+use crate::protocol::{parent_of, Answer, Down, Op, RelPath, Request, Up};
 use crate::tree::{kind_of, Tree};
 
 /// Work for the applier thread, in stream order.
@@ -100,13 +100,6 @@ struct Unsynced<'scope> {
     since: Option<Instant>,
     /// The periodic sync runs beside the applier (see [`sync_behind`]).
     behind: Option<ScopedJoinHandle<'scope, Result<(), SyncFailure>>>,
-}
-
-fn parent_of(path: &[u8]) -> RelPath {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(slash) => path[..slash].to_vec(),
-        None => Vec::new(),
-    }
 }
 
 pub(super) fn apply_loop(

@@ -301,19 +301,10 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     else {
         return Err(MirrorError::Protocol("first message is not Hello".into()));
     };
-    if let Err(reason) = admissible(shared, epoch, zone_size) {
-        let refusal = protocol::encode(
-            &Up::Refused {
-                reason: reason.clone(),
-            },
-            &[],
-        );
-        writer.send(refusal).await?;
-        return Err(MirrorError::Refused(reason));
-    }
     // Take over: the current session (an older connection of this PRIM, or of an
     // older epoch) ends, and its applier takes what it had queued, before this one
-    // reads the book and says Welcome.
+    // reads the book and says Welcome. Checked under the lock: a session that took
+    // over meanwhile may have raised the oldest epoch accepted.
     let handover = shared.handover.lock().await;
     if let Err(reason) = admissible(shared, epoch, zone_size) {
         let refusal = protocol::encode(

@@ -7,14 +7,7 @@ use std::sync::MutexGuard;
 
 use super::marks::{rename_in, Intent, Order};
 use super::{Engine, Phase};
-use crate::protocol::{self, Down, Op, RelPath};
-
-fn parent(path: &[u8]) -> RelPath {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(slash) => path[..slash].to_vec(),
-        None => Vec::new(),
-    }
-}
+use crate::protocol::{self, parent_of, Down, Op, RelPath};
 
 /// What a change touches, for the bookkeeping.
 #[derive(Default)]
@@ -34,7 +27,7 @@ impl Touch {
     /// A rename of `from` to `to` (an exchange when `exchange`): the parents change,
     /// and the marks of the data follow it from before the local rename on.
     pub fn rename(from: &[u8], to: &[u8], exchange: bool) -> Touch {
-        let mut touch = Touch::path(&parent(from)).and_path(&parent(to));
+        let mut touch = Touch::path(&parent_of(from)).and_path(&parent_of(to));
         touch.copies.push((from.to_vec(), to.to_vec()));
         if exchange {
             touch.copies.push((to.to_vec(), from.to_vec()));

@@ -554,10 +554,19 @@ mod tests {
         ticket
     }
 
-    fn answer(engine: &Engine, ticket: Ticket) -> Option<Result<(), i32>> {
+    /// Waits on `ticket` at `level`; the answer arrives on the receiver.
+    fn waiting(engine: &Engine, ticket: Ticket, level: Level) -> mpsc::Receiver<Result<(), i32>> {
         let (tx, rx) = mpsc::channel();
-        let done = Box::new(move |result| tx.send(result).unwrap());
-        engine.wait(ticket, Level::Received, done);
+        engine.wait(
+            ticket,
+            level,
+            Box::new(move |result| tx.send(result).unwrap()),
+        );
+        rx
+    }
+
+    fn answer(engine: &Engine, ticket: Ticket) -> Option<Result<(), i32>> {
+        let rx = waiting(engine, ticket, Level::Received);
         rx.recv_timeout(Duration::from_secs(1)).ok()
     }
 
@@ -586,12 +595,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(&dir);
         let ticket = parked_change(&engine);
-        let (tx, rx) = mpsc::channel();
-        engine.wait(
-            ticket,
-            Level::Received,
-            Box::new(move |r| tx.send(r).unwrap()),
-        );
+        let rx = waiting(&engine, ticket, Level::Received);
         assert!(rx.try_recv().is_err(), "answered before the decision");
         let lost = engine.lock_link().session;
         engine.go_alone(lost).unwrap();
@@ -642,12 +646,7 @@ mod tests {
         let Ticket::Sent { seq, .. } = ticket else {
             panic!("streaming: the change was sent");
         };
-        let (tx, rx) = mpsc::channel();
-        engine.wait(
-            ticket,
-            Level::Durable,
-            Box::new(move |r| tx.send(r).unwrap()),
-        );
+        let rx = waiting(&engine, ticket, Level::Durable);
         // SECOND could not apply it, then acknowledges its sequence (the ack follows).
         engine.on_failed(session, b"f", "Read-only file system");
         engine.on_ack(session, seq, seq);
@@ -688,12 +687,7 @@ mod tests {
         let mut engine = engine(&dir);
         engine.config.park_timeout = Duration::from_millis(100);
         let ticket = parked_change(&engine);
-        let (tx, rx) = mpsc::channel();
-        engine.wait(
-            ticket,
-            Level::Received,
-            Box::new(move |r| tx.send(r).unwrap()),
-        );
+        let rx = waiting(&engine, ticket, Level::Received);
         assert_eq!(engine.expire_parked(), 0, "expired before its time");
         assert_eq!(engine.parked().0, 1);
         std::thread::sleep(Duration::from_millis(150));

@@ -115,11 +115,7 @@ impl Engine {
         let mut order = self.lock_order();
         let mut marks = Marks::default();
         marks.add_path(path);
-        let parent = match path.iter().rposition(|b| *b == b'/') {
-            Some(slash) => path[..slash].to_vec(),
-            None => Vec::new(),
-        };
-        marks.add_path(&parent);
+        marks.add_path(&protocol::parent_of(path));
         if let Ok(Some(meta)) = self.tree.meta(path) {
             for zone in 0..meta.size.div_ceil(self.config.zone_size) {
                 marks.add_zone(path, zone);

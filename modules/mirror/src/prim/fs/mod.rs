@@ -241,13 +241,10 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let path = match self.path(ino) {
+        let path = match self.changeable_path(ino) {
             Ok(path) => path,
             Err(e) => return reply.error(e),
         };
-        if let Err(e) = self.refuse_if_linked(&path) {
-            return reply.error(e);
-        }
         if let Some(size) = size {
             if let Err(e) = self
                 .drop_set_id_unless_privileged(req, &path)
@@ -502,8 +499,7 @@ impl Filesystem for MirrorFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let op = match self.path(ino) {
-            Ok(path) if self.refuse_if_linked(&path).is_err() => return reply.error(Errno::EMLINK),
+        let op = match self.changeable_path(ino) {
             Ok(path) => Op::SetXattr {
                 path,
                 name: name.as_bytes().to_vec(),
@@ -536,8 +532,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let op = match self.path(ino) {
-            Ok(path) if self.refuse_if_linked(&path).is_err() => return reply.error(Errno::EMLINK),
+        let op = match self.changeable_path(ino) {
             Ok(path) => Op::RemoveXattr {
                 path,
                 name: name.as_bytes().to_vec(),

@@ -12,15 +12,8 @@ use fuser::{Errno, Generation, INodeNo, RenameFlags, ReplyEmpty, ReplyEntry, Req
 use super::attrs::attr_of;
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Touch};
-use crate::protocol::{Kind, Op, RelPath};
+use crate::protocol::{parent_of, Kind, Op, RelPath};
 use crate::tree::{join, kind_of};
-
-pub(super) fn parent_of(path: &[u8]) -> RelPath {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(slash) => path[..slash].to_vec(),
-        None => Vec::new(),
-    }
-}
 
 impl MirrorFs {
     /// mknod (`mode` carries the file type; the umask is already applied).
@@ -113,20 +106,21 @@ impl MirrorFs {
         reply.error(Errno::EPERM)
     }
 
-    /// Refuses to change a regular file that has several names (a hard link made
-    /// before the directory was replicated): the change would reach SECOND under one
-    /// name only. `EMLINK`, "too many links".
-    pub(super) fn refuse_if_linked(&self, path: &[u8]) -> Result<(), Errno> {
-        match self.engine.tree.stat(path) {
+    /// The path of `ino` for a change of its attributes, refused (`EMLINK`, "too many
+    /// links") for a regular file that has several names (a hard link made before the
+    /// directory was replicated): the change would reach SECOND under one name only.
+    pub(super) fn changeable_path(&self, ino: INodeNo) -> Result<RelPath, Errno> {
+        let path = self.path(ino)?;
+        match self.engine.tree.stat(&path) {
             Ok(Some(stat)) if is_linked_file(&stat) => {
                 tracing::warn!(
-                    path = %String::from_utf8_lossy(path),
+                    path = %String::from_utf8_lossy(&path),
                     links = stat.st_nlink,
                     "refused to change a file with several hard links"
                 );
                 Err(Errno::EMLINK)
             }
-            _ => Ok(()),
+            _ => Ok(path),
         }
     }
 
