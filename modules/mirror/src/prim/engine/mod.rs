@@ -8,9 +8,13 @@
 //!   so the stream carries changes in the order they hit the local tree; the
 //!   reintegration copier takes the same lock to read and send a zone.
 //! - A waiter is answered `Ok` only when the peer acknowledged its sequence at the
-//!   waiter's level, or when the caller decided to continue alone
-//!   ([`Engine::go_alone`]) after being told the peer was lost. Never otherwise.
-//! - Lock order: `order` before `link`. Phase changes take both.
+//!   waiter's level in the waiter's session, when a reintegration finished in the
+//!   still current session covered its change, or when the caller decided to continue
+//!   alone ([`Engine::go_alone`]) after being told of that loss; and in every case only
+//!   while [`Engine::may_acknowledge`] (not fenced, within the lease). Never otherwise.
+//! - Lock order: `order` before `link`. Phase changes take both, except the fence,
+//!   which sets its flag first and then takes `link` only: a change holding `order`
+//!   meanwhile is answered `EIO` when it waits.
 //!
 //! Parts:
 //! - [`change`]: one change in progress (marks, sequence, frame).
