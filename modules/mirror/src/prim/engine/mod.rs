@@ -699,4 +699,63 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Err(libc::EIO)));
         assert_eq!(engine.parked().0, 0);
     }
+
+    #[test]
+    fn nothing_is_acknowledged_once_the_lease_ran_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        let lost = engine.lock_link().session;
+        engine.go_alone(lost).unwrap();
+        // Alone: a change is acknowledged at once while the lease runs.
+        engine.set_lease_deadline(Some(Instant::now() + Duration::from_secs(60)));
+        let ticket = engine.begin(Touch::path(b"f")).unwrap().commit(
+            Op::Unlink {
+                path: b"f".to_vec(),
+            },
+            &[],
+        );
+        assert_eq!(answer(&engine, ticket), Some(Ok(())));
+        // A change begun within the lease and answered after it fails; a later one is
+        // refused before it applies.
+        let change = engine.begin(Touch::path(b"g")).unwrap();
+        let ticket = change.commit(
+            Op::Unlink {
+                path: b"g".to_vec(),
+            },
+            &[],
+        );
+        engine.set_lease_deadline(Some(Instant::now()));
+        assert_eq!(answer(&engine, ticket), Some(Err(libc::EIO)));
+        assert_eq!(engine.begin(Touch::path(b"h")).err(), Some(libc::EROFS));
+    }
+
+    #[test]
+    fn a_fence_does_not_wait_for_a_change_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(engine(&dir));
+        let lost = engine.lock_link().session;
+        engine.go_alone(lost).unwrap();
+        // The change holds the order lock (a slow local write, say).
+        let change = engine.begin(Touch::path(b"f")).unwrap();
+        let (fenced_tx, fenced) = mpsc::channel();
+        let fencer = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                engine.fence("test");
+                fenced_tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            fenced.recv_timeout(Duration::from_secs(2)).is_ok(),
+            "the fence waited for the order lock"
+        );
+        let ticket = change.commit(
+            Op::Unlink {
+                path: b"f".to_vec(),
+            },
+            &[],
+        );
+        assert_eq!(answer(&engine, ticket), Some(Err(libc::EIO)));
+        fencer.join().unwrap();
+    }
 }
