@@ -62,6 +62,15 @@ impl MirrorProcess {
         }
     }
 
+    /// The events printed since the last call or wait, without waiting.
+    #[allow(dead_code, reason = "used by tests/mirror_model.rs, not by every includer")]
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| self.lines.try_recv().ok())
+            .filter_map(|(_, line)| serde_json::from_str::<serde_json::Value>(&line).ok())
+            .filter(|value| value["event"].is_string())
+            .collect()
+    }
+
     /// SIGTERM, then SIGKILL if it has not stopped within 20 s.
     pub fn terminate(&mut self) {
         // SAFETY: plain kill(2) on our own child.

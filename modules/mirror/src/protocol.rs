@@ -200,15 +200,28 @@ impl Op {
     }
 }
 
+/// About how many bytes of entries one [`Answer::List`] or [`Answer::Children`]
+/// carries: a tree of millions of entries crosses in parts, each far below the
+/// transport's frame limit.
+pub const ANSWER_BUDGET: usize = 8 << 20;
+
 /// A question PRIM asks SECOND during reintegration; answered in order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Kind and size of each path (absent → `None`).
     Probe { paths: Vec<RelPath> },
-    /// Every entry under `path` (recursive), with its metadata.
-    List { path: RelPath },
-    /// Names and kinds of a directory's entries (empty when it is not a directory).
-    Children { path: RelPath },
+    /// Entries under `path` (recursive) with their metadata, in byte order of their
+    /// paths, from the first after `after`: as many as fit in [`ANSWER_BUDGET`].
+    List {
+        path: RelPath,
+        after: Option<RelPath>,
+    },
+    /// Names and kinds of a directory's entries (none when it is not a directory),
+    /// sorted, from the first after `after`: as many as fit in [`ANSWER_BUDGET`].
+    Children {
+        path: RelPath,
+        after: Option<Vec<u8>>,
+    },
     /// blake3 of every zone of each file (many per request: one round trip per file
     /// would dominate the comparison of a tree of small files).
     Hashes { paths: Vec<RelPath> },
@@ -220,11 +233,21 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Answer {
     Probe(Vec<Option<(Kind, u64)>>),
-    List(Vec<(RelPath, Meta)>),
-    Children(Vec<(Vec<u8>, Kind)>),
+    /// `complete`: nothing follows the last entry; otherwise ask again after it.
+    List {
+        entries: Vec<(RelPath, Meta)>,
+        complete: bool,
+    },
+    Children {
+        entries: Vec<(Vec<u8>, Kind)>,
+        complete: bool,
+    },
     /// Per requested path; empty when the file is absent or not a regular file.
     Hashes(Vec<Vec<[u8; 32]>>),
     Synced,
+    /// SECOND could not answer (a listing that failed part way): the reintegration
+    /// cannot trust what it would have compared, and stops.
+    Failed(String),
 }
 
 /// PRIM → SECOND.

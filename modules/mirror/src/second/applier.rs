@@ -16,8 +16,8 @@ use rustix::fs::OFlags;
 use tokio::sync::mpsc as amps;
 
 use super::*;
-use crate::protocol::{parent_of, Answer, Down, Op, RelPath, Request, Up};
-use crate::tree::{kind_of, Tree};
+use crate::protocol::{parent_of, Answer, Down, Op, RelPath, Request, Up, ANSWER_BUDGET};
+use crate::tree::{kind_of, missing, Tree};
 
 /// Work for the applier thread, in stream order.
 pub(super) enum Work {
@@ -525,6 +525,10 @@ fn open_for_sync(tree: &Tree, path: &[u8]) -> io::Result<Option<OwnedFd>> {
     tree.open_at(path, flags, 0).map(Some)
 }
 
+fn valid(path: &[u8]) -> std::io::Result<()> {
+    protocol::validate_path(path).map_err(std::io::Error::other)
+}
+
 fn answer(tree: &Tree, zone_size: u64, request: &Request) -> Answer {
     match request {
         Request::Probe { paths } => Answer::Probe(
@@ -537,18 +541,27 @@ fn answer(tree: &Tree, zone_size: u64, request: &Request) -> Answer {
                 })
                 .collect(),
         ),
-        Request::List { path } => Answer::List(
-            protocol::validate_path(path)
-                .ok()
-                .and_then(|()| tree.list(path).ok())
-                .unwrap_or_default(),
-        ),
-        Request::Children { path } => Answer::Children(
-            protocol::validate_path(path)
-                .ok()
-                .and_then(|()| tree.children(path).ok())
-                .unwrap_or_default(),
-        ),
+        Request::List { path, after } => {
+            let listing =
+                valid(path).and_then(|()| tree.list_after(path, after.as_deref(), ANSWER_BUDGET));
+            match listing {
+                Ok((entries, complete)) => Answer::List { entries, complete },
+                Err(e) => Answer::Failed(format!("listing the copy: {e}")),
+            }
+        }
+        Request::Children { path, after } => {
+            let children = valid(path)
+                .and_then(|()| tree.children_after(path, after.as_deref(), ANSWER_BUDGET));
+            match children {
+                Ok((entries, complete)) => Answer::Children { entries, complete },
+                // Absent or no directory on SECOND: it has no children there.
+                Err(e) if missing(&e) => Answer::Children {
+                    entries: Vec::new(),
+                    complete: true,
+                },
+                Err(e) => Answer::Failed(format!("listing a directory of the copy: {e}")),
+            }
+        }
         Request::Hashes { paths } => Answer::Hashes(
             paths
                 .iter()

@@ -55,7 +55,7 @@ impl Tree {
     }
 
     /// Names and kinds of a directory's entries, sorted by name.
-    pub fn children(&self, path: &[u8]) -> io::Result<Vec<(Vec<u8>, Kind)>> {
+    pub fn children(&self, path: &[u8]) -> io::Result<Vec<Child>> {
         Ok(self
             .entries(path)?
             .into_iter()
@@ -89,32 +89,101 @@ impl Tree {
         Ok(entries)
     }
 
-    /// Every entry beneath `path` with its metadata, parents before children, sorted.
-    /// Entries that vanish during the walk are skipped.
+    /// Every entry beneath `path` with its metadata, in byte order of their paths
+    /// (so parents before children). Entries that vanish during the walk are skipped.
     pub fn list(&self, path: &[u8]) -> io::Result<Vec<(RelPath, Meta)>> {
-        let mut out = Vec::new();
-        let mut stack = vec![path.to_vec()];
-        while let Some(dir) = stack.pop() {
-            let children = match self.children(&dir) {
-                Ok(children) => children,
-                Err(e) if missing(&e) => continue,
-                Err(e) => return Err(e),
-            };
-            let mut subdirs = Vec::new();
-            for (name, kind) in children {
-                let child = join(&dir, &name);
-                let Some(meta) = self.meta(&child)? else {
-                    continue;
-                };
-                if kind == Kind::Dir {
-                    subdirs.push(child.clone());
-                }
-                out.push((child, meta));
+        Ok(self.list_after(path, None, usize::MAX)?.0)
+    }
+
+    /// The part of [`Tree::list`] after the path `after` (from the start when `None`)
+    /// until about `budget` bytes of paths and metadata, and whether it reached the
+    /// end. Reading a tree in parts costs one walk over all parts together: subtrees
+    /// wholly before `after` are not entered.
+    pub fn list_after(
+        &self,
+        path: &[u8],
+        after: Option<&[u8]>,
+        budget: usize,
+    ) -> io::Result<(Vec<(RelPath, Meta)>, bool)> {
+        let mut listing = Listing {
+            out: Vec::new(),
+            after,
+            bytes: 0,
+            budget,
+        };
+        let complete = self.list_into(path, &mut listing)?;
+        Ok((listing.out, complete))
+    }
+
+    /// Walks `dir` in path order; false when the budget ran out first.
+    fn list_into(&self, dir: &[u8], listing: &mut Listing) -> io::Result<bool> {
+        let children = match self.children(dir) {
+            Ok(children) => children,
+            Err(e) if missing(&e) => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        // A directory `d` stands in this order twice: itself as `d`, its contents as
+        // `d/`, which sorts after `d.x` and before `d0`.
+        let mut keys: Vec<(RelPath, bool)> = Vec::with_capacity(children.len());
+        for (name, kind) in children {
+            let child = join(dir, &name);
+            if kind == Kind::Dir {
+                let mut contents = child.clone();
+                contents.push(b'/');
+                keys.push((contents, true));
             }
-            stack.extend(subdirs.into_iter().rev());
+            keys.push((child, false));
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        keys.sort_unstable();
+        for (key, contents) in keys {
+            if contents {
+                if listing
+                    .after
+                    .is_some_and(|a| a > &key[..] && !a.starts_with(&key))
+                {
+                    continue; // everything under it is before `after`
+                }
+                if !self.list_into(&key[..key.len() - 1], listing)? {
+                    return Ok(false);
+                }
+                continue;
+            }
+            if listing.after.is_some_and(|a| &key[..] <= a) {
+                continue;
+            }
+            if listing.bytes >= listing.budget {
+                return Ok(false);
+            }
+            let Some(meta) = self.meta(&key)? else {
+                continue;
+            };
+            listing.bytes += encoded_size(&key, &meta);
+            listing.out.push((key, meta));
+        }
+        Ok(true)
+    }
+
+    /// The part of [`Tree::children`] after the name `after` until about `budget`
+    /// bytes of names, and whether it reached the end.
+    pub fn children_after(
+        &self,
+        path: &[u8],
+        after: Option<&[u8]>,
+        budget: usize,
+    ) -> io::Result<(Vec<Child>, bool)> {
+        let mut bytes = 0;
+        let mut out = Vec::new();
+        for (name, kind) in self.children(path)? {
+            if after.is_some_and(|a| &name[..] <= a) {
+                continue;
+            }
+            if bytes >= budget {
+                return Ok((out, false));
+            }
+            bytes += name.len() + 8;
+            out.push((name, kind));
+        }
+        Ok((out, true))
     }
 
     /// blake3 of each `zone_size` zone of a regular file; empty when it is absent or
@@ -142,6 +211,27 @@ impl Tree {
     }
 }
 
+/// A directory entry: its name and what it is.
+pub type Child = (Vec<u8>, Kind);
+
+/// A listing in progress: what it has, where it starts, what it may still take.
+struct Listing<'a> {
+    out: Vec<(RelPath, Meta)>,
+    after: Option<&'a [u8]>,
+    bytes: usize,
+    budget: usize,
+}
+
+/// About what an entry takes in an answer (an upper bound on its bincode size).
+fn encoded_size(path: &[u8], meta: &Meta) -> usize {
+    let xattrs: usize = meta
+        .xattrs
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 20)
+        .sum();
+    path.len() + meta.target.len() + xattrs + 80
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +246,43 @@ mod tests {
         assert_eq!(hashes[0], hashes[1]);
         assert_eq!(hashes[2], *blake3::hash(&[7u8; 452]).as_bytes());
         assert!(tree.zone_hashes(b"absent", 1024).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_listing_read_in_parts_is_the_whole_listing_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["d", "d/e", "d-x", "d0", "e"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        for f in ["d.x", "d/a", "d/e/b", "d/e.c", "d0/z", "a", "z", "d-x/y"] {
+            std::fs::write(dir.path().join(f), f).unwrap();
+        }
+        let tree = Tree::open(dir.path()).unwrap();
+        let whole = tree.list(b"").unwrap();
+        let names: Vec<RelPath> = whole.iter().map(|(p, _)| p.clone()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "byte order of the paths");
+        assert_eq!(names.len(), 13);
+        for budget in [1, 100, 200, 1000] {
+            let (mut parts, mut after) = (Vec::new(), None::<RelPath>);
+            loop {
+                let (part, complete) = tree.list_after(b"", after.as_deref(), budget).unwrap();
+                assert!(complete || !part.is_empty(), "every part makes progress");
+                after = part.last().map(|(p, _)| p.clone()).or(after);
+                parts.extend(part);
+                if complete {
+                    break;
+                }
+            }
+            assert_eq!(parts, whole, "budget {budget}");
+        }
+        let (under_d, complete) = tree.list_after(b"d", None, usize::MAX).unwrap();
+        assert!(complete);
+        let under_d: Vec<&[u8]> = under_d.iter().map(|(p, _)| &p[..]).collect();
+        assert_eq!(under_d, [&b"d/a"[..], b"d/e", b"d/e.c", b"d/e/b"]);
+        let (part, complete) = tree.children_after(b"", Some(b"d0"), 1).unwrap();
+        assert!(!complete);
+        assert_eq!(part, [(b"e".to_vec(), Kind::Dir)]);
     }
 }

@@ -28,7 +28,7 @@ use rampart_storage::{Marks, SyncPoint};
 
 use crate::prim::engine::Engine;
 use crate::prim::Event;
-use crate::protocol::{Answer, Kind, Op, RelPath, Request};
+use crate::protocol::{Answer, Kind, Meta, Op, RelPath, Request};
 use crate::tree::join;
 
 /// A request answered after a tree walk or hashing a large file may take this long.
@@ -141,13 +141,61 @@ impl Copier<'_> {
     }
 
     fn ask(&self, request: Request) -> Result<Answer, String> {
-        self.engine.ask(self.session, request, ANSWER_TIMEOUT)
+        match self.engine.ask(self.session, request, ANSWER_TIMEOUT)? {
+            Answer::Failed(e) => Err(format!("SECOND: {e}")),
+            answer => Ok(answer),
+        }
+    }
+
+    /// SECOND's whole tree, read in parts. Each part reflects the stream at the point
+    /// it was asked; an entry renamed between parts is missing or listed twice, which
+    /// the comparison repairs because the local listing is taken after the last part
+    /// (an entry missing on SECOND is copied whole, an extra one is removed).
+    fn remote_tree(&self) -> Result<Vec<(RelPath, Meta)>, String> {
+        let mut tree: Vec<(RelPath, Meta)> = Vec::new();
+        loop {
+            let after = tree.last().map(|(path, _)| path.clone());
+            let Answer::List { entries, complete } = self.ask(Request::List {
+                path: Vec::new(),
+                after,
+            })?
+            else {
+                return Err("the peer answered List with something else".into());
+            };
+            if !complete && entries.is_empty() {
+                return Err("the peer answered an empty part of its listing".into());
+            }
+            tree.extend(entries);
+            if complete {
+                return Ok(tree);
+            }
+        }
+    }
+
+    /// The names and kinds in SECOND's directory `path`, read in parts.
+    fn remote_children(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, Kind)>, String> {
+        let mut children: Vec<(Vec<u8>, Kind)> = Vec::new();
+        loop {
+            let after = children.last().map(|(name, _)| name.clone());
+            let Answer::Children { entries, complete } = self.ask(Request::Children {
+                path: path.to_vec(),
+                after,
+            })?
+            else {
+                return Err("the peer answered Children with something else".into());
+            };
+            if !complete && entries.is_empty() {
+                return Err("the peer answered an empty part of a directory".into());
+            }
+            children.extend(entries);
+            if complete {
+                return Ok(children);
+            }
+        }
     }
 
     fn compare_trees(&mut self) -> Result<(), String> {
-        let Answer::List(remote) = self.ask(Request::List { path: Vec::new() })? else {
-            return Err("the peer answered List with something else".into());
-        };
+        let remote = self.remote_tree()?;
         let engine = self.engine;
         let local: Vec<_> = engine
             .tree
@@ -295,11 +343,7 @@ impl Copier<'_> {
         }
         self.progress.paths_reconciled += 1;
         if local.as_ref().is_some_and(|m| m.kind == Kind::Dir) {
-            let Answer::Children(remote_children) =
-                self.ask(Request::Children { path: path.clone() })?
-            else {
-                return Err("the peer answered Children with something else".into());
-            };
+            let remote_children = self.remote_children(path)?;
             let local_children = engine.tree.children(path).map_err(|e| e.to_string())?;
             let local_kinds: BTreeMap<&[u8], Kind> =
                 local_children.iter().map(|(n, k)| (&n[..], *k)).collect();

@@ -19,7 +19,8 @@ pub struct FullPlan {
     pub reconcile: Vec<RelPath>,
     /// Files SECOND lacks entirely: every zone is sent.
     pub copy: Vec<RelPath>,
-    /// Files on both sides: compared zone by zone.
+    /// Files on both sides, not empty here: compared zone by zone. (An empty file
+    /// has no zones; reconciling its size empties SECOND's.)
     pub compare: Vec<RelPath>,
 }
 
@@ -56,7 +57,7 @@ pub fn plan_full(local: &[(RelPath, Meta)], remote: &[(RelPath, Meta)]) -> FullP
                 if !same_attributes(meta, remote) {
                     plan.reconcile.push(path.clone());
                 }
-                if meta.kind == Kind::File {
+                if meta.kind == Kind::File && meta.size > 0 {
                     plan.compare.push(path.clone());
                 }
             }
@@ -135,6 +136,7 @@ mod tests {
             (p("a"), meta(Kind::File, 10)),
             (p("d"), meta(Kind::Dir, 0)),
             (p("d/new"), meta(Kind::File, 5)),
+            (p("e"), meta(Kind::File, 0)),
             (p("k"), meta(Kind::File, 1)),
         ];
         let mut changed = meta(Kind::File, 10);
@@ -142,6 +144,7 @@ mod tests {
         let remote = vec![
             (p("a"), changed),
             (p("d"), meta(Kind::Dir, 0)),
+            (p("e"), meta(Kind::File, 0)),
             (p("gone"), meta(Kind::Dir, 0)),
             (p("gone/x"), meta(Kind::File, 3)),
             (p("k"), meta(Kind::Dir, 0)),

@@ -1,0 +1,667 @@
+//! Model-based test of the mirror data plane as processes: random file operations on
+//! PRIM's mount, each also applied to a plain directory (the model), interleaved with
+//! SECOND killed -9 and restarted, PRIM killed -9 and restarted, and the link cut and
+//! healed, at random points. Checked:
+//! - every operation gives the same outcome on the mount as on the model (hard links
+//!   are refused on the mount, as the README says);
+//! - after every reintegration PRIM's copy, SECOND's copy and the model are identical,
+//!   so every operation that returned before a kill is there with its content;
+//! - when PRIM is killed while in step with SECOND, SECOND (stopped with a drain)
+//!   already holds every operation that returned.
+//!
+//! The seed is printed; `MODEL_SEED=<seed>` replays a run, `MODEL_CASES` sets how many
+//! sequences run.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+
+#[path = "support/mirror_process.rs"]
+mod mirror_process;
+use mirror_process::MirrorProcess;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rampart");
+const NAMES: [&str; 7] = ["a", "b", "d", "d/a", "d/b", "d/e", "d/e/a"];
+const BLOCK: u64 = 4096;
+
+#[derive(Clone, Debug)]
+enum FileOp {
+    Write {
+        path: usize,
+        offset: u64,
+        len: usize,
+        byte: u8,
+    },
+    /// `open(O_CREAT | O_TRUNC)` and write: replaces a file's content.
+    Create {
+        path: usize,
+        len: usize,
+        byte: u8,
+    },
+    MmapWrite {
+        path: usize,
+        offset: u64,
+        len: usize,
+        byte: u8,
+    },
+    Truncate {
+        path: usize,
+        size: u64,
+    },
+    Fallocate {
+        path: usize,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
+    Mkdir {
+        path: usize,
+    },
+    Unlink {
+        path: usize,
+    },
+    Rmdir {
+        path: usize,
+    },
+    /// `rm -r`.
+    RemoveTree {
+        path: usize,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+        flags: u32,
+    },
+    Link {
+        from: usize,
+        to: usize,
+    },
+    Symlink {
+        path: usize,
+        target: usize,
+    },
+    Chmod {
+        path: usize,
+        mode: u32,
+    },
+    Chown {
+        path: usize,
+        uid: u32,
+    },
+    SetXattr {
+        path: usize,
+        value: u8,
+    },
+    RemoveXattr {
+        path: usize,
+    },
+    Fsync {
+        path: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Op(FileOp),
+    KillSecond,
+    KillPrim,
+    CutLink,
+    HealLink,
+    /// Wait for the reintegration to finish and compare the three trees.
+    Check,
+}
+
+fn file_op() -> impl Strategy<Value = FileOp> {
+    let p = || 0..NAMES.len();
+    let blocks = |n: u64| (0..n).prop_map(|b| b * BLOCK);
+    let fallocate_mode = prop_oneof![
+        Just(0),
+        Just(libc::FALLOC_FL_KEEP_SIZE),
+        Just(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
+        Just(libc::FALLOC_FL_ZERO_RANGE),
+        Just(libc::FALLOC_FL_COLLAPSE_RANGE),
+        Just(libc::FALLOC_FL_INSERT_RANGE),
+    ];
+    prop_oneof![
+        4 => (p(), 0u64..400_000, 1usize..200_000, any::<u8>())
+            .prop_map(|(path, offset, len, byte)| FileOp::Write { path, offset, len, byte }),
+        2 => (p(), 0usize..150_000, any::<u8>())
+            .prop_map(|(path, len, byte)| FileOp::Create { path, len, byte }),
+        2 => (p(), 0u64..300_000, 1usize..100_000, any::<u8>())
+            .prop_map(|(path, offset, len, byte)| FileOp::MmapWrite { path, offset, len, byte }),
+        1 => (p(), 0u64..500_000).prop_map(|(path, size)| FileOp::Truncate { path, size }),
+        2 => (p(), fallocate_mode, blocks(80), (1..40u64).prop_map(|b| b * BLOCK))
+            .prop_map(|(path, mode, offset, len)| FileOp::Fallocate { path, mode, offset, len }),
+        2 => p().prop_map(|path| FileOp::Mkdir { path }),
+        1 => p().prop_map(|path| FileOp::Unlink { path }),
+        1 => p().prop_map(|path| FileOp::Rmdir { path }),
+        1 => p().prop_map(|path| FileOp::RemoveTree { path }),
+        3 => (p(), p(), prop_oneof![Just(0), Just(libc::RENAME_NOREPLACE), Just(libc::RENAME_EXCHANGE)])
+            .prop_map(|(from, to, flags)| FileOp::Rename { from, to, flags }),
+        1 => (p(), p()).prop_map(|(from, to)| FileOp::Link { from, to }),
+        2 => (p(), p()).prop_map(|(path, target)| FileOp::Symlink { path, target }),
+        1 => (p(), prop_oneof![Just(0o600u32), Just(0o755), Just(0o4750), Just(0o1777)])
+            .prop_map(|(path, mode)| FileOp::Chmod { path, mode }),
+        1 => (p(), prop_oneof![Just(0u32), Just(1000), Just(65534)])
+            .prop_map(|(path, uid)| FileOp::Chown { path, uid }),
+        1 => (p(), any::<u8>()).prop_map(|(path, value)| FileOp::SetXattr { path, value }),
+        1 => p().prop_map(|path| FileOp::RemoveXattr { path }),
+        1 => p().prop_map(|path| FileOp::Fsync { path }),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        30 => file_op().prop_map(Step::Op),
+        1 => Just(Step::KillSecond),
+        1 => Just(Step::KillPrim),
+        1 => Just(Step::CutLink),
+        1 => Just(Step::HealLink),
+        2 => Just(Step::Check),
+    ]
+}
+
+fn cstr(path: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn open_rw(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+}
+
+/// Applies `op` under `root` and returns its outcome (the errno on failure).
+fn apply(root: &Path, op: &FileOp) -> Result<(), i32> {
+    let at = |i: usize| root.join(NAMES[i]);
+    let outcome = match *op {
+        FileOp::Write {
+            path,
+            offset,
+            len,
+            byte,
+        } => std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(at(path))
+            .and_then(|f| f.write_all_at(&vec![byte; len], offset)),
+        FileOp::Create { path, len, byte } => {
+            std::fs::File::create(at(path)).and_then(|f| f.write_all_at(&vec![byte; len], 0))
+        }
+        FileOp::MmapWrite {
+            path,
+            offset,
+            len,
+            byte,
+        } => open_rw(&at(path)).and_then(|f| {
+            // Within the file only (a mapping past the end faults); synced before
+            // returning, so that it is an acknowledged change like a write.
+            let size = f.metadata()?.len();
+            if offset >= size {
+                return Ok(());
+            }
+            let len = len.min((size - offset) as usize);
+            let start = offset / BLOCK * BLOCK;
+            let span = (offset - start) as usize + len;
+            // SAFETY: a fresh shared mapping of `span` bytes of an open file, within its
+            // size, unmapped before returning.
+            unsafe {
+                let map = libc::mmap(
+                    std::ptr::null_mut(),
+                    span,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    start as libc::off_t,
+                );
+                if map == libc::MAP_FAILED {
+                    return Err(std::io::Error::last_os_error());
+                }
+                std::ptr::write_bytes(map.cast::<u8>().add((offset - start) as usize), byte, len);
+                let synced = check(libc::msync(map, span, libc::MS_SYNC));
+                libc::munmap(map, span);
+                synced
+            }
+        }),
+        FileOp::Truncate { path, size } => open_rw(&at(path)).and_then(|f| f.set_len(size)),
+        FileOp::Fallocate {
+            path,
+            mode,
+            offset,
+            len,
+        } => open_rw(&at(path)).and_then(|f| {
+            // SAFETY: fallocate(2) on an open file.
+            check(unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) })
+        }),
+        FileOp::Mkdir { path } => std::fs::create_dir(at(path)),
+        FileOp::Unlink { path } => std::fs::remove_file(at(path)),
+        FileOp::Rmdir { path } => std::fs::remove_dir(at(path)),
+        FileOp::RemoveTree { path } => match std::fs::symlink_metadata(at(path)) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(at(path)),
+            Ok(_) => std::fs::remove_file(at(path)),
+            Err(e) => Err(e),
+        },
+        FileOp::Rename { from, to, flags } => {
+            let (f, t) = (cstr(&at(from)), cstr(&at(to)));
+            // SAFETY: renameat2(2) with valid NUL-terminated paths.
+            check(unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    f.as_ptr(),
+                    libc::AT_FDCWD,
+                    t.as_ptr(),
+                    flags,
+                )
+            })
+        }
+        FileOp::Link { from, to } => std::fs::hard_link(at(from), at(to)),
+        FileOp::Symlink { path, target } => std::os::unix::fs::symlink(NAMES[target], at(path)),
+        FileOp::Chmod { path, mode } => {
+            std::fs::set_permissions(at(path), std::fs::Permissions::from_mode(mode))
+        }
+        FileOp::Chown { path, uid } => std::os::unix::fs::lchown(at(path), Some(uid), Some(uid)),
+        FileOp::SetXattr { path, value } => {
+            let p = cstr(&at(path));
+            // SAFETY: lsetxattr(2) with a valid path, name and one-byte value.
+            check(unsafe {
+                libc::lsetxattr(
+                    p.as_ptr(),
+                    c"user.model".as_ptr(),
+                    [value].as_ptr().cast(),
+                    1,
+                    0,
+                )
+            })
+        }
+        FileOp::RemoveXattr { path } => {
+            let p = cstr(&at(path));
+            // SAFETY: lremovexattr(2) with a valid path and name.
+            check(unsafe { libc::lremovexattr(p.as_ptr(), c"user.model".as_ptr()) })
+        }
+        FileOp::Fsync { path } => std::fs::File::open(at(path)).and_then(|f| f.sync_all()),
+    };
+    outcome.map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+fn step_op(step: &Step) -> &FileOp {
+    match step {
+        Step::Op(op) => op,
+        _ => unreachable!("an operation step"),
+    }
+}
+
+/// A TCP relay between PRIM and SECOND that the test can cut: cutting shuts every
+/// relayed connection down and refuses new ones until healed.
+struct Link {
+    addr: std::net::SocketAddr,
+    state: Arc<Mutex<LinkState>>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    cut: bool,
+    closed: bool,
+    streams: Vec<std::net::TcpStream>,
+}
+
+impl Link {
+    fn new(upstream: std::net::SocketAddr) -> Link {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(LinkState::default()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                let Ok(down) = down else { continue };
+                let mut state = shared.lock().unwrap();
+                if state.closed {
+                    return;
+                }
+                if state.cut {
+                    continue; // dropped: PRIM sees the connection close
+                }
+                let Ok(up) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up.try_clone().unwrap(), down.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                state.streams.extend([down, up]);
+            }
+        });
+        Link { addr, state }
+    }
+
+    fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.cut = true;
+        for stream in state.streams.drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.state.lock().unwrap().cut = false;
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.cut();
+        self.state.lock().unwrap().closed = true;
+        let _ = std::net::TcpStream::connect(self.addr); // wakes the accept loop
+    }
+}
+
+/// PRIM on `a`, SECOND on `b` behind a [`Link`], the model on `model`.
+struct Run {
+    root: tempfile::TempDir,
+    ack: &'static str,
+    second_port: u16,
+    link: Link,
+    prim: Option<MirrorProcess>,
+    second: Option<MirrorProcess>,
+    /// The last event PRIM printed ("synced" when in step and idle).
+    prim_state: String,
+    log: Vec<String>,
+}
+
+impl Run {
+    fn new(ack: &'static str) -> Run {
+        std::fs::create_dir_all("/var/tmp/rampart-mirror-tests").unwrap();
+        let root = tempfile::Builder::new()
+            .prefix("model")
+            .tempdir_in("/var/tmp/rampart-mirror-tests")
+            .unwrap();
+        for dir in ["a", "b", "a.book", "b.book", "model"] {
+            std::fs::create_dir(root.path().join(dir)).unwrap();
+        }
+        std::fs::write(root.path().join("secret"), "mirror model test").unwrap();
+        let second_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let link = Link::new(([127, 0, 0, 1], second_port).into());
+        let mut run = Run {
+            root,
+            ack,
+            second_port,
+            link,
+            prim: None,
+            second: None,
+            prim_state: String::new(),
+            log: Vec::new(),
+        };
+        run.start_second();
+        run.start_prim();
+        run
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    fn spawn(&self, role: &str, side: &str, extra: &[String]) -> MirrorProcess {
+        let mut args: Vec<String> = vec![role.into()];
+        for (flag, value) in [
+            ("--dir", self.path(side)),
+            ("--book", self.path(&format!("{side}.book"))),
+            ("--secret-file", self.path("secret")),
+        ] {
+            args.extend([flag.into(), value.to_string_lossy().into_owned()]);
+        }
+        args.extend([
+            "--zone-size".into(),
+            "65536".into(),
+            "--ack".into(),
+            self.ack.into(),
+        ]);
+        args.extend_from_slice(extra);
+        MirrorProcess::spawn(&args, &self.path(side), "error")
+    }
+
+    fn start_second(&mut self) {
+        let listen = format!("127.0.0.1:{}", self.second_port);
+        let second = self.spawn(
+            "second",
+            "b",
+            &[
+                "--listen".into(),
+                listen,
+                "--sync-every".into(),
+                "200ms".into(),
+            ],
+        );
+        second.wait_for("listening", Duration::from_secs(20));
+        self.second = Some(second);
+    }
+
+    fn start_prim(&mut self) {
+        let prim = self.spawn(
+            "prim",
+            "a",
+            &[
+                "--peer".into(),
+                self.link.addr.to_string(),
+                "--epoch".into(),
+                "1".into(),
+                "--link-timeout".into(),
+                "1s".into(),
+            ],
+        );
+        prim.wait_for("mounted", Duration::from_secs(20));
+        self.prim = Some(prim);
+        self.prim_state.clear();
+    }
+
+    fn note_events(&mut self) {
+        if let Some(prim) = &self.prim {
+            for event in prim.events() {
+                self.prim_state = event["event"].as_str().unwrap_or_default().to_string();
+            }
+        }
+    }
+
+    /// Differences between two trees, as `rampart mirror verify` prints them.
+    fn verify(&self, first: &str, second: &str) -> Option<String> {
+        let out = Command::new(BIN)
+            .args(["mirror", "verify"])
+            .arg(self.path(first))
+            .arg(self.path(second))
+            .output()
+            .unwrap();
+        (!out.status.success()).then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn fail(&self, what: String) -> TestCaseError {
+        TestCaseError::fail(format!("{what}\nsteps so far:\n{}", self.log.join("\n")))
+    }
+
+    /// PRIM's copy is the model at once; SECOND's once the reintegration is done.
+    fn check(&mut self) -> Result<(), TestCaseError> {
+        if let Some(difference) = self.verify("model", "a") {
+            return Err(self.fail(format!("PRIM's copy is not the model:\n{difference}")));
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            self.note_events();
+            let difference = self.verify("a", "b");
+            if self.prim_state == "synced" && difference.is_none() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.fail(format!(
+                    "not in step within 120 s (PRIM's last event: {:?}):\n{}",
+                    self.prim_state,
+                    difference.unwrap_or_default()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn step(&mut self, step: &Step) -> Result<(), TestCaseError> {
+        self.log.push(format!("{step:?}"));
+        match step {
+            Step::Op(FileOp::Link { from, to }) => {
+                let outcome = apply(
+                    &self.path("a"),
+                    &FileOp::Link {
+                        from: *from,
+                        to: *to,
+                    },
+                );
+                if outcome.is_ok() {
+                    return Err(self.fail("a hard link was made on the mount".into()));
+                }
+            }
+            Step::Op(FileOp::Fallocate { path, mode, .. })
+                if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 =>
+            {
+                // The kernel's FUSE client refuses these modes before PRIM sees them.
+                let outcome = apply(&self.path("a"), step_op(step));
+                let a_file = std::fs::symlink_metadata(self.path("model").join(NAMES[*path]))
+                    .is_ok_and(|m| m.is_file());
+                if outcome.is_ok() || (a_file && outcome != Err(libc::EOPNOTSUPP)) {
+                    return Err(self.fail(format!("{step:?} on the mount: {outcome:?}")));
+                }
+            }
+            Step::Op(op) => {
+                let on_mount = apply(&self.path("a"), op);
+                let on_model = apply(&self.path("model"), op);
+                if on_mount.is_ok() != on_model.is_ok() {
+                    return Err(self.fail(format!(
+                        "{op:?}: {on_mount:?} on the mount, {on_model:?} on the model"
+                    )));
+                }
+            }
+            Step::KillSecond => {
+                if let Some(mut second) = self.second.take() {
+                    second.crash(); // its read-only bind stays for the next one to remove
+                }
+                self.start_second();
+            }
+            Step::KillPrim => {
+                self.note_events();
+                // In fsync mode only an fsync waits for SECOND.
+                let in_step = self.ack != "fsync"
+                    && self.prim_state == "synced"
+                    && !self.link.state.lock().unwrap().cut;
+                if let Some(mut prim) = self.prim.take() {
+                    prim.crash(); // its dead FUSE mount stays for the next one to remove
+                }
+                if in_step {
+                    // Everything that returned was acknowledged by SECOND: stopped with a
+                    // drain, its copy is the model.
+                    let mut second = self.second.take().expect("SECOND runs");
+                    second.terminate();
+                    second.wait_for("stopped", Duration::from_secs(30));
+                    drop(second);
+                    if let Some(difference) = self.verify("model", "b") {
+                        return Err(self.fail(format!(
+                            "PRIM killed in step: SECOND lacks what was acknowledged:\n\
+                             {difference}"
+                        )));
+                    }
+                    self.start_second();
+                }
+                self.start_prim();
+            }
+            Step::CutLink => self.link.cut(),
+            Step::HealLink => self.link.heal(),
+            Step::Check => {
+                self.link.heal();
+                self.check()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        // PRIM first: it holds the mount the test's files went through.
+        drop(self.prim.take());
+        drop(self.second.take());
+    }
+}
+
+#[test]
+fn random_operations_with_kills_and_cuts_keep_every_acknowledged_change() {
+    let seed: u64 = std::env::var("MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let cases: u32 = std::env::var("MODEL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    eprintln!("mirror model: seed {seed} (replay with MODEL_SEED={seed}), {cases} cases");
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        // Each shrink step starts two processes; a few are enough to shorten a failure.
+        max_shrink_iters: 24,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(
+        config,
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    let strategy = (
+        prop_oneof![Just("write"), Just("durable"), Just("fsync")],
+        proptest::collection::vec(step(), 1..50),
+    );
+    let result = runner.run(&strategy, |(ack, steps)| {
+        let started = Instant::now();
+        let mut run = Run::new(ack);
+        for step in &steps {
+            run.step(step)?;
+        }
+        run.step(&Step::Check)?;
+        let disruptions = (steps.iter())
+            .filter(|s| !matches!(s, Step::Op(_) | Step::Check))
+            .count();
+        eprintln!(
+            "{ack}: {} steps, {disruptions} kills and cuts, in {:?}",
+            steps.len(),
+            started.elapsed()
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("seed {seed}: {e}");
+    }
+}
