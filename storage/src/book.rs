@@ -40,8 +40,9 @@ const KEY_MIN_EPOCH: &[u8] = b"min_epoch";
 const KEY_DAMAGED: &[u8] = b"damaged";
 const KEY_JOURNAL_OVERFLOW: &[u8] = b"journal_overflow";
 
-/// Journal entries kept at most; beyond, renames are no longer replayed and the paths
-/// they touched are reconciled by content (still correct, only more bytes).
+/// Journal entries kept at most; beyond, the journal is dropped and the next
+/// reintegration compares both trees in full: marks alone cannot tell which data a
+/// name holds on SECOND once renames are unknown.
 pub const JOURNAL_LIMIT: u64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -350,8 +351,12 @@ impl ReplicationBook {
     }
 
     /// Appends to the journal; on disk when this returns. Past [`JOURNAL_LIMIT`] the
-    /// journal is dropped and marked overflowed (replay is an optimisation only).
+    /// journal is dropped and marked overflowed ([`ReplicationBook::journal`]).
     pub fn journal_push(&self, entry: &JournalEntry) -> Result<(), BookError> {
+        self.journal_push_within(entry, JOURNAL_LIMIT)
+    }
+
+    fn journal_push_within(&self, entry: &JournalEntry, limit: u64) -> Result<(), BookError> {
         let family = cf(&self.db, CF_JOURNAL);
         let next = match self.db.iterator_cf(family, IteratorMode::End).next() {
             Some(item) => {
@@ -363,7 +368,7 @@ impl ReplicationBook {
             }
             None => 0,
         };
-        if next >= JOURNAL_LIMIT || self.journal_overflowed()? {
+        if next >= limit || self.journal_overflowed()? {
             self.journal_clear()?;
             return Ok(self.db.put_cf_opt(
                 cf(&self.db, CF_META),
@@ -386,10 +391,11 @@ impl ReplicationBook {
             .is_some())
     }
 
-    /// The journal in order; empty when it overflowed.
-    pub fn journal(&self) -> Result<Vec<JournalEntry>, BookError> {
+    /// The journal in order; `None` when it overflowed, and some renames since the
+    /// last sync point are unknown.
+    pub fn journal(&self) -> Result<Option<Vec<JournalEntry>>, BookError> {
         if self.journal_overflowed()? {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let mut entries = Vec::new();
         for item in self
@@ -401,7 +407,7 @@ impl ReplicationBook {
                 .map_err(|e| BookError::Corrupt(format!("journal entry: {e}")))?;
             entries.push(entry);
         }
-        Ok(entries)
+        Ok(Some(entries))
     }
 
     /// Empties the journal (after it was replayed, or when the peer is in sync).
@@ -590,11 +596,22 @@ mod tests {
         };
         book.journal_push(&first).unwrap();
         book.journal_push(&second).unwrap();
-        assert_eq!(book.journal().unwrap(), vec![first.clone(), second]);
+        assert_eq!(
+            book.journal().unwrap(),
+            Some(vec![first.clone(), second.clone()])
+        );
         book.journal_clear().unwrap();
-        assert!(book.journal().unwrap().is_empty());
+        assert_eq!(book.journal().unwrap(), Some(Vec::new()));
         book.journal_push(&first).unwrap();
-        assert_eq!(book.journal().unwrap(), vec![first]);
+        assert_eq!(book.journal().unwrap(), Some(vec![first.clone()]));
+
+        // Past the limit, the journal is unknown until cleared, even if it empties.
+        book.journal_push_within(&second, 1).unwrap();
+        assert_eq!(book.journal().unwrap(), None);
+        book.journal_push(&first).unwrap();
+        assert_eq!(book.journal().unwrap(), None);
+        book.journal_clear().unwrap();
+        assert_eq!(book.journal().unwrap(), Some(Vec::new()));
     }
 
     #[test]

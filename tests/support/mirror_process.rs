@@ -63,12 +63,32 @@ impl MirrorProcess {
     }
 
     /// The events printed since the last call or wait, without waiting.
-    #[allow(dead_code, reason = "used by tests/mirror_model.rs, not by every includer")]
+    #[allow(
+        dead_code,
+        reason = "used by tests/mirror_model.rs, not by every includer"
+    )]
     pub fn events(&self) -> Vec<serde_json::Value> {
         std::iter::from_fn(|| self.lines.try_recv().ok())
             .filter_map(|(_, line)| serde_json::from_str::<serde_json::Value>(&line).ok())
             .filter(|value| value["event"].is_string())
             .collect()
+    }
+
+    /// The events it printed that have not been read yet, up to the end of its output
+    /// (call after it exited; bounded by `timeout`).
+    #[allow(
+        dead_code,
+        reason = "used by tests/mirror_model.rs, not by every includer"
+    )]
+    pub fn last_events(&self, timeout: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        std::iter::from_fn(|| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.lines.recv_timeout(left).ok()
+        })
+        .filter_map(|(_, line)| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .filter(|value| value["event"].is_string())
+        .collect()
     }
 
     /// SIGTERM, then SIGKILL if it has not stopped within 20 s.

@@ -198,6 +198,14 @@ impl Op {
             Op::Rename { to, .. } | Op::Link { to, .. } => to,
         }
     }
+
+    /// Every path this operation changes: both names of a rename or a link.
+    pub fn paths(&self) -> Vec<RelPath> {
+        match self {
+            Op::Rename { from, to, .. } | Op::Link { from, to } => vec![from.clone(), to.clone()],
+            op => vec![op.path().to_vec()],
+        }
+    }
 }
 
 /// About how many bytes of entries one [`Answer::List`] or [`Answer::Children`]
@@ -309,11 +317,12 @@ pub enum Up {
         received: u64,
         durable: u64,
     },
-    /// Applying `seq` failed here although it succeeded on PRIM: the path diverged and
-    /// PRIM must reconcile it. Always sent before an `Ack` covering `seq`.
+    /// Applying `seq` failed here although it succeeded on PRIM: the paths it
+    /// changes ([`Op::paths`]) diverged and PRIM must reconcile them. Always sent
+    /// before an `Ack` covering `seq`.
     Failed {
         seq: u64,
-        path: RelPath,
+        paths: Vec<RelPath>,
         error: String,
     },
     Answer {

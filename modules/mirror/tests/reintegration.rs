@@ -277,3 +277,82 @@ async fn an_interrupted_reintegration_resumes_where_it_stopped() {
     );
     converge(&pair.dir("a"), &pair.dir("b"), Duration::from_secs(5)).await;
 }
+
+/// Names removed and made again, or renamed over, while SECOND is away: SECOND still
+/// holds an entry of the same kind under each name, with other attributes, another
+/// link target or other data. Its listing matches PRIM's; what each name holds must
+/// too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_replaced_while_second_is_away_hold_what_prim_holds() {
+    use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
+    let mut pair = Pair::in_step(AckMode::Write).await;
+    let a = pair.dir("a");
+    blocking({
+        let a = a.clone();
+        move || {
+            symlink("old", a.join("link")).unwrap();
+            std::fs::write(a.join("f"), b"same length").unwrap();
+            std::fs::create_dir(a.join("d")).unwrap();
+            std::fs::write(a.join("x"), b"the new data").unwrap();
+            std::fs::write(a.join("y"), b"the old data").unwrap();
+        }
+    })
+    .await;
+    let b = pair.dir("b");
+    converge(&a, &b, Duration::from_secs(20)).await;
+    // Durable on SECOND, so that no mark is left: only the replacements below are.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = pair.prim.as_ref().unwrap().status();
+        if status.durable >= status.acked && status.bytes_in_flight == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not durable: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = pair.second.as_ref().unwrap().addr();
+    drop(pair.second.take());
+    pair.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, rampart_mirror::prim::Event::PeerLost { .. })
+    })
+    .await;
+    blocking({
+        let a = a.clone();
+        move || {
+            // `ln -sf`: unlink and symlink, no rename.
+            std::fs::remove_file(a.join("link")).unwrap();
+            symlink("new", a.join("link")).unwrap();
+            // Recreated with another mode (and the same length).
+            std::fs::remove_file(a.join("f")).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(a.join("f"))
+                .unwrap();
+            std::io::Write::write_all(&mut f, b"SAME LENGTH").unwrap();
+            std::fs::remove_dir(a.join("d")).unwrap();
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(a.join("d"))
+                .unwrap();
+            // `mv -n` onto a name removed first: SECOND still has the old `y`.
+            std::fs::remove_file(a.join("y")).unwrap();
+            let renamed = rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                a.join("x"),
+                rustix::fs::CWD,
+                a.join("y"),
+                rustix::fs::RenameFlags::NOREPLACE,
+            );
+            renamed.unwrap();
+        }
+    })
+    .await;
+    pair.start_second("b", &addr.to_string());
+    pair.wait_synced().await;
+    assert_same_trees(&a, &b);
+}

@@ -124,9 +124,11 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
         Up::Refused { reason } => return Err(format!("the peer refused: {reason}")),
         other => return Err(format!("unexpected reply to Hello: {other:?}")),
     };
-    // Incremental only between copies that shared the same last state.
-    let incremental = sync_point.is_some() && sync_point == peer_point;
+    // Incremental only between copies that shared the same last state, and while every
+    // rename since is known (otherwise a name may hold other data on SECOND).
     let journal = engine.book.journal().map_err(|e| e.to_string())?;
+    let incremental = sync_point.is_some() && sync_point == peer_point && journal.is_some();
+    let journal = journal.unwrap_or_default();
     let overwrite = map_through(&overwrite, &journal);
 
     let (frames_tx, mut frames_rx) = amps::unbounded_channel::<Vec<u8>>();
@@ -174,11 +176,11 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
                     Ok((Up::Ack { received, durable }, _)) => {
                         engine.on_ack(session, received, durable)
                     }
-                    Ok((Up::Failed { path, error, .. }, _)) => {
+                    Ok((Up::Failed { paths, error, .. }, _)) => {
                         // Waits for the order lock: off this thread (see the watchdog).
                         // The session ends with it; nothing after it is read.
                         let engine = engine.clone();
-                        let failed = move || engine.on_failed(session, &path, &error);
+                        let failed = move || engine.on_failed(session, &paths, &error);
                         let _ = tokio::task::spawn_blocking(failed).await;
                         return;
                     }

@@ -175,7 +175,7 @@ fn apply_in<'scope, 'env>(
                             tracing::debug!(seq, path = %String::from_utf8_lossy(op.path()), "apply failed: {e}");
                             let _ = up.send(Up::Failed {
                                 seq,
-                                path: op.path().to_vec(),
+                                paths: op.paths(),
                                 error: e.to_string(),
                             });
                         }
@@ -202,17 +202,7 @@ fn apply_in<'scope, 'env>(
                     Down::Replay { entries, .. } => {
                         write_cache = None;
                         for entry in entries {
-                            let op = match entry {
-                                rampart_storage::JournalEntry::Rename { from, to, flags } => {
-                                    Op::Rename { from, to, flags }
-                                }
-                                rampart_storage::JournalEntry::Link { from, to } => {
-                                    Op::Link { from, to }
-                                }
-                            };
-                            if protocol::validate_path(op.path()).is_ok() {
-                                // Best effort: the paths are reconciled afterwards.
-                                let _ = tree.apply(&op, &[]);
+                            for op in super::replay::replay(tree, entry) {
                                 let last = unsynced.last_seq;
                                 note_unsynced(&mut unsynced, &op, last);
                             }
@@ -433,10 +423,9 @@ impl SyncFailure {
         if let Err(e) = shared.book.set_damaged(&listed) {
             tracing::error!("cannot record the files a failed sync covered: {e}");
         }
-        let path = self.paths.into_iter().next().unwrap_or_default();
         let _ = up.send(Up::Failed {
             seq: watermarks.durable.load(Ordering::SeqCst) + 1,
-            path,
+            paths: self.paths.into_iter().collect(),
             error: format!("sync failed: {}", self.error),
         });
     }

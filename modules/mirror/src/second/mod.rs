@@ -17,6 +17,7 @@
 //! descriptor it opened before.
 
 mod applier;
+mod replay;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -24,6 +24,14 @@ impl Touch {
         touch
     }
 
+    /// A new entry at `path`: its parent's listing changes, and the entry itself is
+    /// reconciled whole (kind, attributes, link target), since an entry of the same
+    /// kind with other attributes may stand under that name on SECOND (one removed
+    /// and created again while SECOND was away: `ln -sf`, a file recreated 0600).
+    pub fn entry(path: &[u8]) -> Touch {
+        Touch::path(&parent_of(path)).and_path(path)
+    }
+
     /// A rename of `from` to `to` (an exchange when `exchange`): the parents change,
     /// and the marks of the data follow it from before the local rename on.
     pub fn rename(from: &[u8], to: &[u8], exchange: bool) -> Touch {

@@ -620,7 +620,7 @@ mod tests {
         let mut sent = Marks::default();
         sent.add_zone(b"f", 0);
         engine.add_dirty(&sent).unwrap();
-        engine.on_failed(session, b"f", "No space left on device");
+        engine.on_failed(session, &[b"f".to_vec()], "No space left on device");
         engine.clear_dirty(session, &sent);
         let dirty = engine.dirty();
         assert_eq!(
@@ -629,6 +629,30 @@ mod tests {
             "{dirty:?}"
         );
         assert!(dirty.paths.contains(&b"f"[..]));
+    }
+
+    #[test]
+    fn a_rename_second_failed_to_apply_marks_both_names_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir);
+        std::fs::create_dir_all(dir.path().join("tree/to")).unwrap();
+        std::fs::write(dir.path().join("tree/to/f"), vec![1u8; 100]).unwrap();
+        let (frames, _sent) = amps::unbounded_channel();
+        let session = engine
+            .start_session(frames, None, &Marks::default())
+            .unwrap();
+        // SECOND still has from/f and its own to/f: both names and both directories.
+        let op = Op::Rename {
+            from: b"from/f".to_vec(),
+            to: b"to/f".to_vec(),
+            flags: 0,
+        };
+        engine.on_failed(session, &op.paths(), "Input/output error");
+        let dirty = engine.dirty();
+        for path in ["from/f", "from", "to/f", "to"] {
+            assert!(dirty.paths.contains(path.as_bytes()), "{path}: {dirty:?}");
+        }
+        assert_eq!(dirty.zones.get(&b"to/f"[..]).map(|z| z.len()), Some(1));
     }
 
     #[test]
@@ -652,7 +676,7 @@ mod tests {
         };
         let rx = waiting(&engine, ticket, Level::Durable);
         // SECOND could not apply it, then acknowledges its sequence (the ack follows).
-        engine.on_failed(session, b"f", "Read-only file system");
+        engine.on_failed(session, &[b"f".to_vec()], "Read-only file system");
         engine.on_ack(session, seq, seq);
         assert!(
             rx.recv_timeout(Duration::from_millis(200)).is_err(),

@@ -10,7 +10,7 @@ use tokio::sync::mpsc as amps;
 use super::marks::Order;
 use super::{Engine, Level, Phase};
 use crate::prim::Event;
-use crate::protocol::{self, Answer, Down, Op, Request};
+use crate::protocol::{self, Answer, Down, Op, RelPath, Request};
 use crate::tree::Tree;
 
 impl Engine {
@@ -104,21 +104,27 @@ impl Engine {
         }
     }
 
-    /// SECOND could not apply a change on `path` in `session`: its copy no longer holds
-    /// what it acknowledged, so it is not up to date. The path is marked for a whole
-    /// reconciliation and the session ends as if the peer were lost: waiters are
-    /// parked, never answered from this session's acknowledgements (the `Failed`
-    /// precedes the ack that covers its sequence), and the next session repairs it.
-    pub(crate) fn on_failed(&self, session: u64, path: &[u8], error: &str) {
-        let path_text = String::from_utf8_lossy(path).into_owned();
+    /// SECOND could not apply a change on `paths` in `session`: its copy no longer
+    /// holds what it acknowledged, so it is not up to date. Each path (both names of a
+    /// rename) and its parent are marked for a whole reconciliation, content included,
+    /// and the session ends as if the peer were lost: waiters are parked, never
+    /// answered from this session's acknowledgements (the `Failed` precedes the ack
+    /// that covers its sequence), and the next session repairs it.
+    pub(crate) fn on_failed(&self, session: u64, paths: &[RelPath], error: &str) {
+        let path_text = (paths.iter())
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ");
         tracing::warn!(path = %path_text, "SECOND failed to apply a change: {error}");
         let mut order = self.lock_order();
         let mut marks = Marks::default();
-        marks.add_path(path);
-        marks.add_path(&protocol::parent_of(path));
-        if let Ok(Some(meta)) = self.tree.meta(path) {
-            for zone in 0..meta.size.div_ceil(self.config.zone_size) {
-                marks.add_zone(path, zone);
+        for path in paths {
+            marks.add_path(path);
+            marks.add_path(&protocol::parent_of(path));
+            if let Ok(Some(meta)) = self.tree.meta(path) {
+                for zone in 0..meta.size.div_ceil(self.config.zone_size) {
+                    marks.add_zone(path, zone);
+                }
             }
         }
         if let Err(e) = self.record_dirty(&mut order, &marks) {

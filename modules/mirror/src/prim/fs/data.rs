@@ -251,7 +251,7 @@ impl MirrorFs {
         ) | OFlags::CREATE
             | OFlags::NOFOLLOW;
         let local_path = path.clone();
-        let touch = Touch::path(&parent_path);
+        let touch = Touch::entry(&path);
         let level = engine.write_level().or(Some(Level::Received));
         let ino = self.inodes().lookup(parent.0, name.as_bytes());
         let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);

@@ -132,7 +132,7 @@ impl MirrorFs {
         };
         let engine = self.engine.clone();
         let tree_path = path.clone();
-        let touch = Touch::path(&parent_of(&path));
+        let touch = Touch::entry(&path);
         let level = engine.write_level().or(Some(Level::Received));
         let stat = Arc::new(Mutex::new(None));
         let stat_out = stat.clone();
