@@ -1,4 +1,5 @@
 //! `rampart-jepsen run --workload register --nemesis partition,kill,pause --time 60 --seed 7`
+//! `rampart-jepsen run --workload set --nemesis kill,linkcut,pause --ack fsync`
 //! `rampart-jepsen sweep`
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ struct Cli {
 enum Command {
     /// One run: workload, faults, checks, report.
     Run {
+        /// register (the Raft cluster state) or set (the mirror data plane).
         #[arg(long, default_value = "register")]
         workload: String,
         /// Comma-separated: kill, pause, partition, linkcut, diskfull (empty: none).
@@ -35,10 +37,14 @@ enum Command {
         /// Seeds the schedule and the clients; printed in every report.
         #[arg(long)]
         seed: Option<u64>,
-        #[arg(long, default_value_t = 3)]
-        servers: usize,
+        /// Servers: 3 by default for register; set runs exactly 2 (PRIM, SECOND).
+        #[arg(long)]
+        servers: Option<usize>,
         #[arg(long, default_value_t = 4)]
         clients: usize,
+        /// set: PRIM's acknowledgement mode (write, durable, fsync).
+        #[arg(long, default_value = "fsync")]
+        ack: String,
         #[arg(long, default_value = "/tmp/rampart-jepsen-reports")]
         out: PathBuf,
     },
@@ -83,6 +89,7 @@ async fn main() -> ExitCode {
             seed,
             servers,
             clients,
+            ack,
             out,
         } => {
             let nemeses = match parse_nemeses(&nemesis) {
@@ -94,6 +101,7 @@ async fn main() -> ExitCode {
             };
             let seed = seed.unwrap_or_else(rand::random);
             println!("seed {seed}");
+            let servers = servers.unwrap_or(if workload == "set" { 2 } else { 3 });
             let config = RunConfig {
                 workload,
                 nemeses,
@@ -101,6 +109,7 @@ async fn main() -> ExitCode {
                 seed,
                 servers,
                 clients,
+                ack,
                 out,
             };
             match runner::run(config, |prefix| println!("prefix {prefix}")).await {

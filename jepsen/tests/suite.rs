@@ -29,6 +29,7 @@ async fn raft_control_plane_stays_linearizable_under_every_nemesis() {
             seed,
             servers: 3,
             clients: 4,
+            ack: "fsync".into(),
             out: out.clone(),
         };
         let mut prefix = String::new();

@@ -34,9 +34,16 @@ impl Checker for OneLeaderPerTerm {
             .filter(|(_, n)| n.len() > 1)
             .map(|(t, n)| (*t, n.clone()))
             .collect();
+        if leaders.is_empty() {
+            return Verdict::not_applicable(
+                self.name(),
+                "no node was observed as Raft leader".into(),
+                json!({ "terms_with_leader": 0 }),
+            );
+        }
         Verdict {
             checker: self.name().into(),
-            valid: violations.is_empty(),
+            outcome: super::outcome(violations.is_empty()),
             summary: if violations.is_empty() {
                 format!("{} terms with a leader, one leader each", leaders.len())
             } else {
@@ -67,13 +74,13 @@ mod tests {
             observe(1.0, "n1", "Leader", 1),
             observe(2.0, "n2", "Leader", 2),
         ];
-        assert!(OneLeaderPerTerm.check(&fine).valid);
+        assert!(OneLeaderPerTerm.check(&fine).is_valid());
         let bad = vec![
             observe(1.0, "n1", "Leader", 3),
             observe(2.0, "n2", "Leader", 3),
         ];
         let verdict = OneLeaderPerTerm.check(&bad);
-        assert!(!verdict.valid);
+        assert!(!verdict.is_valid());
         assert!(verdict.details["violations"]["3"].is_array());
     }
 }

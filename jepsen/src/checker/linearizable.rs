@@ -245,7 +245,7 @@ impl Checker for LinearizableRegister {
         }
         Verdict {
             checker: self.name().into(),
-            valid: failures.is_empty(),
+            outcome: super::outcome(failures.is_empty()),
             summary: if failures.is_empty() {
                 format!(
                     "{total} operations on {} keys are linearizable",
@@ -292,7 +292,7 @@ mod tests {
             e(2, OpKind::Invoke, "read", Value::Null, 2.0),
             e(2, OpKind::Ok, "read", json!(1), 3.0),
         ];
-        assert!(check(&history).valid);
+        assert!(check(&history).is_valid());
     }
 
     #[test]
@@ -306,7 +306,7 @@ mod tests {
             e(2, OpKind::Ok, "read", json!(1), 5.0),
         ];
         let verdict = check(&history);
-        assert!(!verdict.valid, "{verdict:?}");
+        assert!(!verdict.is_valid(), "{verdict:?}");
     }
 
     #[test]
@@ -320,7 +320,7 @@ mod tests {
             e(2, OpKind::Ok, "write", json!(2), 1.1),
             e(3, OpKind::Ok, "read", json!(1), 2.0),
         ];
-        assert!(check(&history).valid);
+        assert!(check(&history).is_valid());
     }
 
     #[test]
@@ -331,14 +331,14 @@ mod tests {
             e(2, OpKind::Invoke, "read", Value::Null, 5.0),
             e(2, OpKind::Ok, "read", json!(7), 6.0),
         ];
-        assert!(check(&happened).valid);
+        assert!(check(&happened).is_valid());
         let did_not = [
             e(1, OpKind::Invoke, "write", json!(7), 0.0),
             e(1, OpKind::Info, "write", Value::Null, 1.0),
             e(2, OpKind::Invoke, "read", Value::Null, 5.0),
             e(2, OpKind::Ok, "read", Value::Null, 6.0),
         ];
-        assert!(check(&did_not).valid);
+        assert!(check(&did_not).is_valid());
     }
 
     #[test]
@@ -358,7 +358,7 @@ mod tests {
             e(2, OpKind::Ok, "read", json!(1), 5.0),
         ];
         let verdict = check(&history);
-        assert!(!verdict.valid);
+        assert!(!verdict.is_valid());
         assert_eq!(verdict.details["failures"][0]["key"], "k");
     }
 
@@ -370,6 +370,6 @@ mod tests {
             e(2, OpKind::Invoke, "read", Value::Null, 2.0),
             e(2, OpKind::Ok, "read", json!(3), 3.0),
         ];
-        assert!(!check(&history).valid);
+        assert!(!check(&history).is_valid());
     }
 }

@@ -68,9 +68,16 @@ impl Checker for SinglePrim {
             }
         }
         let periods: usize = intervals.values().map(Vec::len).sum();
+        if periods == 0 {
+            return Verdict::not_applicable(
+                self.name(),
+                "no node reported acting as PRIM".into(),
+                json!({ "prim_periods": 0 }),
+            );
+        }
         Verdict {
             checker: self.name().into(),
-            valid: violations.is_empty(),
+            outcome: super::outcome(violations.is_empty()),
             summary: if violations.is_empty() {
                 format!("{periods} PRIM periods, never two at once")
             } else {
@@ -102,7 +109,7 @@ mod tests {
             role(10.0, "n1", false),
             role(11.0, "n2", true),
         ];
-        assert!(SinglePrim.check(&handover).valid);
+        assert!(SinglePrim.check(&handover).is_valid());
         // n2 starts before n1 stopped: two PRIMs between 9 and 10 ms.
         let overlap = vec![
             role(0.0, "n1", true),
@@ -110,13 +117,19 @@ mod tests {
             role(10.0, "n1", false),
         ];
         let verdict = SinglePrim.check(&overlap);
-        assert!(!verdict.valid);
+        assert!(!verdict.is_valid());
         assert_eq!(verdict.details["violations"][0]["from_ms"], 9.0);
+    }
+
+    #[test]
+    fn a_history_without_prim_periods_is_not_judged() {
+        let verdict = SinglePrim.check(&[]);
+        assert_eq!(verdict.outcome, crate::checker::Outcome::NotApplicable);
     }
 
     #[test]
     fn a_prim_that_never_stops_overlaps_every_later_prim() {
         let history = vec![role(0.0, "n1", true), role(50.0, "n2", true)];
-        assert!(!SinglePrim.check(&history).valid);
+        assert!(!SinglePrim.check(&history).is_valid());
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::checker::Verdict;
+use crate::checker::{Outcome, Verdict};
 use crate::history::{self, Entry, OpKind, Phase};
 
 /// How the cluster served clients while one fault was in place.
@@ -84,7 +84,7 @@ pub fn windows(entries: &[Entry]) -> Vec<Window> {
 }
 
 pub fn summary(title: &str, verdicts: &[Verdict], windows: &[Window]) -> String {
-    let valid = verdicts.iter().all(|v| v.valid);
+    let valid = crate::checker::run_is_valid(verdicts);
     let mut out = format!(
         "{title}\nverdict: {}\n\n",
         if valid { "VALID" } else { "INVALID" }
@@ -94,7 +94,11 @@ pub fn summary(title: &str, verdicts: &[Verdict], windows: &[Window]) -> String 
             out,
             "  {:<24} {:<8} {}",
             verdict.checker,
-            if verdict.valid { "valid" } else { "INVALID" },
+            match verdict.outcome {
+                Outcome::Valid => "valid",
+                Outcome::Invalid => "INVALID",
+                Outcome::NotApplicable => "n/a",
+            },
             verdict.summary
         );
     }

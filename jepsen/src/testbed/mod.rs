@@ -69,6 +69,10 @@ pub struct Testbed {
     config_path: PathBuf,
     /// Running node processes by server name.
     processes: Mutex<BTreeMap<String, Child>>,
+    /// What a server runs instead of `rampart node` (see [`Testbed::set_command`]).
+    commands: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Where each server's log stood when its process last started.
+    log_starts: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Finds the `rampart` binary: `RAMPART_BIN`, else next to (or one folder above) the
@@ -113,6 +117,8 @@ impl Testbed {
             rampart_bin: config.rampart_bin.clone(),
             config_path: dir.join("cluster.xml"),
             processes: Mutex::new(BTreeMap::new()),
+            commands: Mutex::new(BTreeMap::new()),
+            log_starts: Mutex::new(BTreeMap::new()),
         };
         // From here on, Drop cleans up whatever was made, even on error.
         testbed.build(config, subnet)?;
@@ -225,31 +231,68 @@ impl Testbed {
             .expect("a server of this testbed")
     }
 
-    /// Starts the node of server `name` in its namespace (appending to its log).
+    /// From now on, server `name` runs `rampart <args>` instead of its cluster node
+    /// (the mirror data plane's roles run without a cluster).
+    pub fn set_command(&self, name: &str, args: Vec<String>) {
+        self.commands
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string(), args);
+    }
+
+    /// Starts the process of server `name` (its node, or what [`Testbed::set_command`]
+    /// gave it) in its network namespace, appending to its log. It shares the runner's
+    /// mount namespace (`nsenter --net`, where `ip netns exec` would make one of its
+    /// own), so that a FUSE mount it makes is where the runner's clients can reach it.
     pub fn start_node(&self, name: &str) -> anyhow::Result<()> {
         let server = self.server(name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("{name}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &server.host.ns])
+        let args = match self.commands.lock().expect("not poisoned").get(name) {
+            Some(args) => args.clone(),
+            None => vec![
+                "node".into(),
+                "--config".into(),
+                self.config_path.to_string_lossy().into_owned(),
+                "--name".into(),
+                name.into(),
+            ],
+        };
+        self.log_starts
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string(), log.metadata()?.len());
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", server.host.ns))
+            .arg("--")
             .arg(&self.rampart_bin)
-            .arg("node")
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(["--name", name])
+            .args(&args)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting node {name}"))?;
+            .with_context(|| format!("starting {name}"))?;
         self.processes
             .lock()
             .expect("not poisoned")
             .insert(name.to_string(), child);
         Ok(())
+    }
+
+    /// What server `name`'s current process has logged so far.
+    pub fn log_since_start(&self, name: &str) -> String {
+        let start = self
+            .log_starts
+            .lock()
+            .expect("not poisoned")
+            .get(name)
+            .copied();
+        let log = std::fs::read(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let from = (start.unwrap_or(0) as usize).min(log.len());
+        String::from_utf8_lossy(&log[from..]).into_owned()
     }
 
     /// kill -9 of the node and everything it started (all processes in its namespace).

@@ -137,6 +137,32 @@ pub fn write_all_at(fd: impl AsFd, mut data: &[u8], mut offset: u64) -> io::Resu
 }
 
 /// Reads up to `len` bytes at `offset` (fewer at end of file).
+/// The attributes of an [`Op::SetAttr`](crate::protocol::Op::SetAttr) set through an
+/// open file rather than a name: for a file whose last name is gone.
+pub fn set_attr_on(
+    fd: impl AsFd,
+    perm: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    atime: Option<SetTime>,
+    mtime: Option<SetTime>,
+) -> io::Result<()> {
+    if uid.is_some() || gid.is_some() {
+        rfs::fchown(&fd, uid.map(uid_of), gid.map(gid_of)).io()?;
+    }
+    if let Some(perm) = perm {
+        rfs::fchmod(&fd, Mode::from_raw_mode(perm)).io()?;
+    }
+    if atime.is_some() || mtime.is_some() {
+        let times = rfs::Timestamps {
+            last_access: timespec(atime),
+            last_modification: timespec(mtime),
+        };
+        rfs::futimens(&fd, &times).io()?;
+    }
+    Ok(())
+}
+
 pub fn read_at(fd: impl AsFd, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let mut filled = 0;

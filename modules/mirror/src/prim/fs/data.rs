@@ -14,7 +14,7 @@ use fuser::{Errno, FileHandle, Generation, INodeNo, ReplyCreate, ReplyEmpty, Rep
 use rustix::fs::{Mode, OFlags};
 
 use super::attrs::{attr_of, errno_of, errno_of_rustix};
-use super::handles::{admit, Access, Handle, IoMode, OpenFile};
+use super::handles::{admit, close_handle, Access, Handle, OpenFile};
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Ticket, Touch};
 use crate::protocol::{Op, RelPath};
@@ -253,13 +253,12 @@ impl MirrorFs {
         let local_path = path.clone();
         let touch = Touch::entry(&path);
         let level = engine.write_level().or(Some(Level::Received));
-        let ino = self.inodes().lookup(parent.0, name.as_bytes());
         let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
         let access = Access::of(flags);
         // What the local create made, for the reply: attributes, I/O mode, backing file.
         let created = Arc::new(Mutex::new(None));
         let created_out = created.clone();
-        let handles = self.handles.clone();
+        let (handles, inodes) = (self.handles.clone(), self.inodes.clone());
         self.change(
             &path,
             touch,
@@ -276,14 +275,21 @@ impl MirrorFs {
                 rustix::fs::fchmod(&fd, Mode::from_raw_mode(perm)).map_err(io)?;
                 let stat = rustix::fs::fstat(&fd).map_err(io)?;
                 // Registered before the reply: the kernel uses the handle at once.
-                let (mode, backing) = match self.inodes().nodes.get_mut(&ino) {
+                let (ino, mode, backing) = {
+                    let mut inodes = self.inodes();
+                    let ino = inodes.lookup(parent.0, name.as_bytes(), stat.st_ino);
+                    let node = inodes.nodes.get_mut(&ino).expect("just looked up");
                     // A create registers no backing file of its own: it is passthrough
                     // only when joining existing passthrough opens.
-                    Some(node) => admit(node, access, false, || {
+                    match admit(node, access, false, || {
                         Err(std::io::Error::other("no backing file for a create"))
-                    })
-                    .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?,
-                    None => (IoMode::Cached, None),
+                    }) {
+                        Ok((mode, backing)) => (ino, mode, backing),
+                        Err(e) => {
+                            inodes.forget(ino, 1);
+                            return Err(std::io::Error::from_raw_os_error(e.code()));
+                        }
+                    }
                 };
                 *created_out.lock().expect("create slot") =
                     Some((attr_of(ino, &stat), mode, backing.clone()));
@@ -323,8 +329,10 @@ impl MirrorFs {
                     }
                 }
                 (result, _) => {
-                    // No handle for the kernel: forget ours.
-                    handles.lock().expect("handle lock").remove(&fh);
+                    // No handle and no node for the kernel: forget ours.
+                    if let Some(handle) = close_handle(&handles, &inodes, fh) {
+                        inodes.lock().expect("inode lock").forget(handle.ino, 1);
+                    }
                     reply.error(result.err().unwrap_or(Errno::EIO));
                 }
             },

@@ -7,11 +7,12 @@
 //! whose cached pages older kernels (5.x's `fuse_direct_io`) leave stale under a
 //! direct write. [`mode_for`] decides.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fuser::{
     BackingId, Errno, FileHandle, FileType, FopenFlags, INodeNo, OpenFlags, ReplyDirectory,
@@ -20,7 +21,7 @@ use fuser::{
 use rustix::fs::OFlags;
 
 use super::attrs::{errno_of, file_type};
-use super::inodes::Node;
+use super::inodes::{Inodes, Node};
 use super::namespace::is_linked_file;
 use super::MirrorFs;
 use crate::protocol::Kind;
@@ -176,6 +177,17 @@ impl MirrorFs {
             .ok_or(Errno::EBADF)
     }
 
+    /// The real file of a node whose last name went, through any handle still open on
+    /// it: nothing else reaches it now.
+    pub(super) fn unlinked_file(&self, ino: INodeNo) -> Option<Arc<OpenFile>> {
+        if !self.inodes().is_unlinked(ino.0) {
+            return None;
+        }
+        let handles = self.handles.lock().expect("handle lock");
+        let handle = handles.values().find(|handle| handle.ino == ino.0)?;
+        Some(handle.file.clone())
+    }
+
     pub(super) fn open_file(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = match self.path(ino) {
             Ok(path) => path,
@@ -269,15 +281,15 @@ impl MirrorFs {
         let Some(dir) = dirs.get(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let dots = [(&b"."[..], ino.0), (&b".."[..], ino.0)];
+        let inodes = self.inodes();
+        let dots = [(&b"."[..], ino.0), (&b".."[..], inodes.parent(ino.0))];
         let all = dots
             .iter()
             .map(|(n, i)| (*n, FileType::Directory, *i))
-            .chain(
-                dir.entries
-                    .iter()
-                    .map(|(n, k, i)| (&n[..], file_type(*k), *i)),
-            );
+            .chain(dir.entries.iter().map(|(name, kind, real_ino)| {
+                let listed = inodes.listed(ino.0, name, *real_ino);
+                (&name[..], file_type(*kind), listed)
+            }));
         for (index, (name, kind, entry_ino)) in all.enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(entry_ino.max(1)),
@@ -292,14 +304,28 @@ impl MirrorFs {
     }
 
     pub(super) fn release_handle(&self, fh: FileHandle, reply: ReplyEmpty) {
-        if let Some(handle) = self.handles.lock().expect("handle lock").remove(&fh.0) {
-            if let Some(node) = self.inodes().nodes.get_mut(&handle.ino) {
-                let opens = handle.mode.opens(node);
-                *opens = opens.saturating_sub(1);
-            }
-        }
+        close_handle(&self.handles, &self.inodes, fh.0);
         reply.ok();
     }
+}
+
+/// Removes an open handle and its count from its node; the handle, if there was one.
+pub(super) fn close_handle(
+    handles: &Mutex<HashMap<u64, Handle>>,
+    inodes: &Mutex<Inodes>,
+    fh: u64,
+) -> Option<Handle> {
+    let handle = handles.lock().expect("handle lock").remove(&fh)?;
+    if let Some(node) = inodes
+        .lock()
+        .expect("inode lock")
+        .nodes
+        .get_mut(&handle.ino)
+    {
+        let opens = handle.mode.opens(node);
+        *opens = opens.saturating_sub(1);
+    }
+    Some(handle)
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! FUSE inode numbers by (parent, name): a path is rebuilt by walking parents, so a
-//! rename moves a whole subtree at once. Hard links therefore appear as distinct FUSE
-//! inodes (st_ino is still the real one).
+//! rename moves a whole subtree at once. A node's number is the real file's inode
+//! number (so `stat`, `readdir` and a later lookup after the kernel forgot it agree),
+//! unless a live node already holds that number: two names of a file that had hard
+//! links before mounting, or a number the disk gave again while an unlinked file is
+//! still open. Those get a number above [`FRESH`] instead.
 
 use std::collections::HashMap;
 use std::sync::Weak;
@@ -49,11 +52,14 @@ pub(super) struct Inodes {
     pub(super) nodes: HashMap<u64, Node>,
     /// Linked nodes by (parent, name).
     by_name: HashMap<(u64, Vec<u8>), u64>,
-    /// The next inode number; numbers are never reused.
-    next: u64,
+    /// The next number to try for a node whose real number is taken.
+    next_fresh: u64,
 }
 
 const ROOT: u64 = 1;
+/// Numbers given to nodes whose real number is taken start here, far above the inode
+/// numbers disks give; one still in use by a real number is skipped.
+pub(super) const FRESH: u64 = 1 << 63;
 
 impl Inodes {
     pub(super) fn new() -> Self {
@@ -62,7 +68,7 @@ impl Inodes {
         Inodes {
             nodes,
             by_name: HashMap::new(),
-            next: ROOT + 1,
+            next_fresh: FRESH,
         }
     }
 
@@ -82,8 +88,9 @@ impl Inodes {
         Some(parts.join(&b'/'))
     }
 
-    /// The node for (parent, name), created if new; counts one lookup.
-    pub(super) fn lookup(&mut self, parent: u64, name: &[u8]) -> u64 {
+    /// The node for (parent, name), created if new with the number of the real file,
+    /// `real_ino`, when no live node holds it; counts one lookup.
+    pub(super) fn lookup(&mut self, parent: u64, name: &[u8], real_ino: u64) -> u64 {
         if let Some(&ino) = self.by_name.get(&(parent, name.to_vec())) {
             self.nodes
                 .get_mut(&ino)
@@ -91,11 +98,43 @@ impl Inodes {
                 .lookups += 1;
             return ino;
         }
-        let ino = self.next;
-        self.next += 1;
+        let ino = if real_ino > ROOT && !self.nodes.contains_key(&real_ino) {
+            real_ino
+        } else {
+            self.fresh()
+        };
         self.nodes.insert(ino, Node::new(parent, name.to_vec()));
         self.by_name.insert((parent, name.to_vec()), ino);
         ino
+    }
+
+    fn fresh(&mut self) -> u64 {
+        loop {
+            let ino = self.next_fresh;
+            self.next_fresh = self.next_fresh.checked_add(1).unwrap_or(FRESH);
+            if !self.nodes.contains_key(&ino) {
+                return ino;
+            }
+        }
+    }
+
+    /// The number `readdir` gives for `name` in the directory `parent`: its node's when
+    /// the kernel holds one, else the real file's (which a lookup will then give).
+    pub(super) fn listed(&self, parent: u64, name: &[u8], real_ino: u64) -> u64 {
+        match self.by_name.get(&(parent, name.to_vec())) {
+            Some(&ino) => ino,
+            None => real_ino,
+        }
+    }
+
+    /// The number of a node's parent directory (for "..").
+    pub(super) fn parent(&self, ino: u64) -> u64 {
+        self.nodes.get(&ino).map_or(ROOT, |node| node.parent)
+    }
+
+    /// Whether `ino` is a node whose last name was removed (it lives while open).
+    pub(super) fn is_unlinked(&self, ino: u64) -> bool {
+        self.nodes.get(&ino).is_some_and(|node| !node.linked)
     }
 
     pub(super) fn unlink(&mut self, parent: u64, name: &[u8]) {
@@ -148,5 +187,32 @@ impl Inodes {
                 self.by_name.remove(&(node.parent, node.name));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_takes_the_real_number_unless_a_live_node_holds_it() {
+        let mut inodes = Inodes::new();
+        assert_eq!(inodes.lookup(ROOT, b"a", 500), 500);
+        assert_eq!(inodes.lookup(ROOT, b"a", 500), 500, "same name, same node");
+        // A second name of the same file (hard links from before mounting).
+        let other = inodes.lookup(ROOT, b"b", 500);
+        assert!(other >= FRESH, "{other}");
+        assert_eq!(inodes.listed(ROOT, b"b", 500), other, "readdir agrees");
+        // "a" unlinked but still held by the kernel: the disk's reuse of 500 is fresh.
+        inodes.unlink(ROOT, b"a");
+        assert!(inodes.is_unlinked(500));
+        let reused = inodes.lookup(ROOT, b"c", 500);
+        assert!(reused >= FRESH && reused != other);
+        // Once forgotten, the number is the real one again.
+        inodes.forget(500, 2);
+        inodes.forget(reused, 1);
+        assert_eq!(inodes.lookup(ROOT, b"c", 500), 500);
+        assert!(inodes.lookup(ROOT, b"root-like", ROOT) >= FRESH);
+        assert_eq!(inodes.parent(500), ROOT);
     }
 }

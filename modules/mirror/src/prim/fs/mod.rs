@@ -38,7 +38,7 @@ use fuser::{
 
 use crate::prim::engine::{Engine, Level, Touch};
 use crate::protocol::{Kind, Op, RelPath};
-use crate::tree::{join, read_at};
+use crate::tree::{join, read_at, set_attr_on};
 use attrs::{attr_of, errno_of, errno_of_rustix, set_time};
 use data::Syncers;
 use handles::{DirHandle, Handle};
@@ -50,7 +50,7 @@ const TTL: Duration = Duration::from_secs(1);
 
 pub(crate) struct MirrorFs {
     engine: Arc<Engine>,
-    inodes: Mutex<Inodes>,
+    inodes: Arc<Mutex<Inodes>>,
     /// Open files by handle number (shared with create's deferred reply, which
     /// forgets the handle when the create fails).
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
@@ -73,7 +73,7 @@ impl MirrorFs {
     pub(crate) fn new(engine: Arc<Engine>) -> Self {
         MirrorFs {
             engine,
-            inodes: Mutex::new(Inodes::new()),
+            inodes: Arc::new(Mutex::new(Inodes::new())),
             handles: Arc::new(Mutex::new(HashMap::new())),
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -193,7 +193,7 @@ impl Filesystem for MirrorFs {
         };
         match self.engine.tree.stat(&path) {
             Ok(Some(stat)) => {
-                let ino = self.inodes().lookup(parent.0, name.as_bytes());
+                let ino = self.inodes().lookup(parent.0, name.as_bytes(), stat.st_ino);
                 reply.entry(&TTL, &attr_of(ino, &stat), Generation(0));
             }
             Ok(None) => reply.error(Errno::ENOENT),
@@ -214,7 +214,12 @@ impl Filesystem for MirrorFs {
                     Ok(None) => Err(Errno::ENOENT),
                     Err(e) => Err(errno_of(e)),
                 },
-                Err(e) => Err(e),
+                // fstat of a file open after its last name went (the kernel sends no
+                // handle with it).
+                Err(e) => match self.unlinked_file(ino) {
+                    Some(file) => rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix),
+                    None => Err(e),
+                },
             },
         };
         match stat {
@@ -241,6 +246,22 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if let Some(file) = self.unlinked_file(ino) {
+            // No name on SECOND either: changed here only.
+            let changed = size
+                .map_or(Ok(()), |size| rustix::fs::ftruncate(file.as_fd(), size))
+                .map_err(errno_of_rustix)
+                .and_then(|()| {
+                    let (atime, mtime) = (set_time(atime), set_time(mtime));
+                    let perm = mode.map(|m| m & 0o7777);
+                    set_attr_on(file.as_fd(), perm, uid, gid, atime, mtime).map_err(errno_of)
+                })
+                .and_then(|()| rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix));
+            return match changed {
+                Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
+                Err(e) => reply.error(e),
+            };
+        }
         let path = match self.changeable_path(ino) {
             Ok(path) => path,
             Err(e) => return reply.error(e),

@@ -134,7 +134,7 @@ impl MirrorFs {
         let tree_path = path.clone();
         let touch = Touch::entry(&path);
         let level = engine.write_level().or(Some(Level::Received));
-        let stat = Arc::new(Mutex::new(None));
+        let stat = Arc::new(Mutex::new(None::<rustix::fs::Stat>));
         let stat_out = stat.clone();
         self.change(
             &path,
@@ -146,13 +146,16 @@ impl MirrorFs {
                 Ok((op, Vec::new(), ()))
             },
             {
-                let inodes_ino = {
-                    // Allocated up front; forgotten by the kernel if the reply is an error.
-                    self.inodes().lookup(parent.0, name.as_bytes())
-                };
+                let inodes = self.inodes.clone();
+                let (parent, name) = (parent.0, name.as_bytes().to_vec());
                 move |result| match (result, stat.lock().expect("stat slot").take()) {
                     (Ok(()), Some(stat)) => {
-                        reply.entry(&TTL, &attr_of(inodes_ino, &stat), Generation(0))
+                        let ino =
+                            inodes
+                                .lock()
+                                .expect("inode lock")
+                                .lookup(parent, &name, stat.st_ino);
+                        reply.entry(&TTL, &attr_of(ino, &stat), Generation(0))
                     }
                     (Ok(()), None) => reply.error(Errno::ENOENT),
                     (Err(e), _) => reply.error(e),

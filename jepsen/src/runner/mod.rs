@@ -1,5 +1,8 @@
 //! One run: testbed up, cluster formed, workload + observer + nemesis for `time`,
-//! heal, final reads, check, report, teardown.
+//! heal, final reads, check, report, teardown. The `register` workload runs against
+//! the Raft cluster state; `set` against the mirror data plane ([`data_plane`]).
+
+mod data_plane;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +28,8 @@ pub struct RunConfig {
     pub seed: u64,
     pub servers: usize,
     pub clients: usize,
+    /// `set`: PRIM's acknowledgement mode (`write`, `durable` or `fsync`).
+    pub ack: String,
     /// Reports go to `<out>/<workload>-seed<seed>-<prefix>/`.
     pub out: PathBuf,
 }
@@ -41,12 +46,19 @@ pub struct RunOutcome {
 const RECOVERY: Duration = Duration::from_secs(3);
 
 pub async fn run(config: RunConfig, on_prefix: impl FnOnce(&str)) -> anyhow::Result<RunOutcome> {
-    if config.workload != "register" {
-        bail!(
-            "unknown workload '{}': 'register' runs on the Raft cluster state; the 'set' workload needs the mirror module",
-            config.workload
-        );
+    match config.workload.as_str() {
+        "register" => run_register(config, on_prefix).await,
+        "set" => data_plane::run(config, on_prefix).await,
+        other => bail!(
+            "unknown workload '{other}': 'register' runs on the Raft cluster state, 'set' on the mirror data plane"
+        ),
     }
+}
+
+async fn run_register(
+    config: RunConfig,
+    on_prefix: impl FnOnce(&str),
+) -> anyhow::Result<RunOutcome> {
     if config.servers < 3 {
         bail!("a run needs at least 3 servers to keep a majority through faults");
     }
@@ -126,13 +138,22 @@ pub async fn run(config: RunConfig, on_prefix: impl FnOnce(&str)) -> anyhow::Res
         }
     }
     observer.await?;
+    finish(&config, &testbed, &history, report_dir)
+}
 
+/// Checks the history, writes the report folder with the nodes' logs.
+fn finish(
+    config: &RunConfig,
+    testbed: &Testbed,
+    history: &History,
+    report_dir: PathBuf,
+) -> anyhow::Result<RunOutcome> {
     let entries = history.entries();
     let verdicts: Vec<Verdict> = checker::for_run(&config.workload)
         .iter()
         .map(|c| c.check(&entries))
         .collect();
-    let valid = verdicts.iter().all(|v| v.valid);
+    let valid = checker::run_is_valid(&verdicts);
     let title = format!(
         "rampart-jepsen {} · nemesis {} · {} s · seed {} · {}",
         config.workload,
