@@ -132,7 +132,7 @@ async fn an_open_file_lives_on_after_its_last_name_is_removed() {
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create_new(true)
             .mode(0o600)
             .open(a.join("tmp"))
             .unwrap();
