@@ -1,5 +1,6 @@
 //! The bounded suite of the README's test command (root: namespaces, bridges, mounts):
-//! the Raft control plane under every nemesis over a few seeds, and the sweeper.
+//! the Raft control plane under every nemesis over a few seeds, the mirror data plane's
+//! set workload, and the sweeper.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -53,6 +54,51 @@ async fn raft_control_plane_stays_linearizable_under_every_nemesis() {
             ops.details["operations"].as_u64().unwrap() > 50,
             "too few operations: {}",
             ops.summary
+        );
+        if !outcome.valid {
+            failures.push(format!("seed {seed}: {}", outcome.report_dir.display()));
+        }
+    }
+    assert!(failures.is_empty(), "invalid verdicts: {failures:?}");
+}
+
+/// fsync'd appends through PRIM's mount while SECOND or PRIM is killed (PRIM restarted
+/// with the same epoch), paused, or cut off: both copies hold every acknowledged
+/// append and are identical at the end. Seed 2 kills PRIM; seed 3 cuts the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_data_plane_loses_no_acknowledged_append() {
+    let out = std::env::temp_dir().join("rampart-jepsen-suite");
+    let mut failures = Vec::new();
+    for seed in [2, 3] {
+        let config = RunConfig {
+            workload: "set".into(),
+            nemeses: vec![NemesisKind::Kill, NemesisKind::LinkCut, NemesisKind::Pause],
+            time: Duration::from_secs(20),
+            seed,
+            servers: 2,
+            clients: 3,
+            ack: "fsync".into(),
+            out: out.clone(),
+        };
+        let mut prefix = String::new();
+        let outcome = run(config, |p| prefix = p.to_string())
+            .await
+            .expect("the run completes");
+        assert_eq!(
+            sweep::leftovers(&prefix),
+            Vec::<String>::new(),
+            "seed {seed}"
+        );
+        eprintln!("{}", outcome.summary);
+        let set = outcome
+            .verdicts
+            .iter()
+            .find(|v| v.checker == "set")
+            .unwrap();
+        assert!(
+            set.details["acknowledged"].as_u64().unwrap() > 100,
+            "too few appends: {}",
+            set.summary
         );
         if !outcome.valid {
             failures.push(format!("seed {seed}: {}", outcome.report_dir.display()));

@@ -297,6 +297,12 @@ impl Testbed {
 
     /// kill -9 of the node and everything it started (all processes in its namespace).
     pub fn kill_node(&self, name: &str) {
+        // Its own process first, by pid (see `pause_node`): once it is gone, nothing
+        // waits on its mount and listing the namespace is safe.
+        if let Some(child) = self.processes.lock().expect("not poisoned").get(name) {
+            signal(child.id() as i32, libc::SIGCONT);
+            signal(child.id() as i32, libc::SIGKILL);
+        }
         for pid in pids_in(&self.server(name).host.ns) {
             signal(pid, libc::SIGKILL);
         }
@@ -372,11 +378,14 @@ impl Testbed {
         Ok(())
     }
 
-    /// SIGSTOP (`pause`) or SIGCONT every process of the node.
+    /// SIGSTOP (`pause`) or SIGCONT the node's process (`nsenter` execs it, so the
+    /// child's pid is the node's). Signalled by pid, not by listing the namespace:
+    /// while a FUSE server is stopped, reading /proc of a process waiting on its mount
+    /// blocks, and `ip netns pids` reads every process's /proc entries.
     pub fn pause_node(&self, name: &str, pause: bool) {
         let sig = if pause { libc::SIGSTOP } else { libc::SIGCONT };
-        for pid in pids_in(&self.server(name).host.ns) {
-            signal(pid, sig);
+        if let Some(child) = self.processes.lock().expect("not poisoned").get(name) {
+            signal(child.id() as i32, sig);
         }
     }
 
