@@ -12,29 +12,19 @@ use rampart_jepsen::testbed::sweep;
 
 const SEEDS: [u64; 3] = [11, 12, 13];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raft_control_plane_stays_linearizable_under_every_nemesis() {
-    let out = std::env::temp_dir().join("rampart-jepsen-suite");
+/// Runs `config` once per seed. Each run must leave nothing behind and hold more than
+/// `at_least` of `checker`'s `count` (enough to judge); the invalid runs' reports.
+async fn invalid_runs(
+    config: impl Fn(u64) -> RunConfig,
+    seeds: &[u64],
+    checker: &str,
+    count: &str,
+    at_least: u64,
+) -> Vec<String> {
     let mut failures = Vec::new();
-    for seed in SEEDS {
-        let config = RunConfig {
-            workload: "register".into(),
-            nemeses: vec![
-                NemesisKind::Partition,
-                NemesisKind::Kill,
-                NemesisKind::Pause,
-                NemesisKind::LinkCut,
-                NemesisKind::DiskFull,
-            ],
-            time: Duration::from_secs(20),
-            seed,
-            servers: 3,
-            clients: 4,
-            ack: "fsync".into(),
-            out: out.clone(),
-        };
+    for &seed in seeds {
         let mut prefix = String::new();
-        let outcome = run(config, |p| prefix = p.to_string())
+        let outcome = run(config(seed), |p| prefix = p.to_string())
             .await
             .expect("the run completes");
         // The testbed is gone once the run returns: no namespace, link, mount, folder.
@@ -44,21 +34,43 @@ async fn raft_control_plane_stays_linearizable_under_every_nemesis() {
             "seed {seed}"
         );
         eprintln!("{}", outcome.summary);
-        // The history must hold enough to judge: successful operations and faults.
-        let ops = outcome
+        // The history must hold enough to judge.
+        let verdict = outcome
             .verdicts
             .iter()
-            .find(|v| v.checker == "linearizable-register")
+            .find(|v| v.checker == checker)
             .unwrap();
         assert!(
-            ops.details["operations"].as_u64().unwrap() > 50,
-            "too few operations: {}",
-            ops.summary
+            verdict.details[count].as_u64().unwrap() > at_least,
+            "seed {seed}: too few {count}: {}",
+            verdict.summary
         );
         if !outcome.valid {
             failures.push(format!("seed {seed}: {}", outcome.report_dir.display()));
         }
     }
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_control_plane_stays_linearizable_under_every_nemesis() {
+    let config = |seed| RunConfig {
+        workload: "register".into(),
+        nemeses: vec![
+            NemesisKind::Partition,
+            NemesisKind::Kill,
+            NemesisKind::Pause,
+            NemesisKind::LinkCut,
+            NemesisKind::DiskFull,
+        ],
+        time: Duration::from_secs(20),
+        seed,
+        servers: 3,
+        clients: 4,
+        ack: "fsync".into(),
+        out: std::env::temp_dir().join("rampart-jepsen-suite"),
+    };
+    let failures = invalid_runs(config, &SEEDS, "linearizable-register", "operations", 50).await;
     assert!(failures.is_empty(), "invalid verdicts: {failures:?}");
 }
 
@@ -67,43 +79,17 @@ async fn raft_control_plane_stays_linearizable_under_every_nemesis() {
 /// append and are identical at the end. Seed 2 kills PRIM; seed 3 cuts the link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mirror_data_plane_loses_no_acknowledged_append() {
-    let out = std::env::temp_dir().join("rampart-jepsen-suite");
-    let mut failures = Vec::new();
-    for seed in [2, 3] {
-        let config = RunConfig {
-            workload: "set".into(),
-            nemeses: vec![NemesisKind::Kill, NemesisKind::LinkCut, NemesisKind::Pause],
-            time: Duration::from_secs(20),
-            seed,
-            servers: 2,
-            clients: 3,
-            ack: "fsync".into(),
-            out: out.clone(),
-        };
-        let mut prefix = String::new();
-        let outcome = run(config, |p| prefix = p.to_string())
-            .await
-            .expect("the run completes");
-        assert_eq!(
-            sweep::leftovers(&prefix),
-            Vec::<String>::new(),
-            "seed {seed}"
-        );
-        eprintln!("{}", outcome.summary);
-        let set = outcome
-            .verdicts
-            .iter()
-            .find(|v| v.checker == "set")
-            .unwrap();
-        assert!(
-            set.details["acknowledged"].as_u64().unwrap() > 100,
-            "too few appends: {}",
-            set.summary
-        );
-        if !outcome.valid {
-            failures.push(format!("seed {seed}: {}", outcome.report_dir.display()));
-        }
-    }
+    let config = |seed| RunConfig {
+        workload: "set".into(),
+        nemeses: vec![NemesisKind::Kill, NemesisKind::LinkCut, NemesisKind::Pause],
+        time: Duration::from_secs(20),
+        seed,
+        servers: 2,
+        clients: 3,
+        ack: "fsync".into(),
+        out: std::env::temp_dir().join("rampart-jepsen-suite"),
+    };
+    let failures = invalid_runs(config, &[2, 3], "set", "acknowledged", 100).await;
     assert!(failures.is_empty(), "invalid verdicts: {failures:?}");
 }
 

@@ -14,13 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use serde_json::{json, Value};
 
-use super::{finish, RunConfig, RunOutcome};
+use super::{end_nemesis, finish, start_nemesis, RunConfig, RunOutcome};
 use crate::history::{History, OpKind};
-use crate::nemesis;
 use crate::testbed::{find_rampart_bin, Server, Testbed, TestbedConfig};
 use crate::workload::append::{read_copy, AppendClient};
 
@@ -111,13 +108,7 @@ pub(super) async fn run(
         .context("PRIM never brought SECOND up to date at the start")?;
 
     let history = Arc::new(History::new());
-    let nemesis = tokio::spawn(nemesis::run_schedule(
-        testbed.clone(),
-        config.nemeses.clone(),
-        StdRng::seed_from_u64(config.seed),
-        history.clone(),
-        config.time,
-    ));
+    let nemesis = start_nemesis(&config, &testbed, &history);
     let workload_end = std::time::Instant::now() + config.time;
     let mut clients = Vec::new();
     for id in 0..config.clients as u64 {
@@ -151,9 +142,7 @@ pub(super) async fn run(
             );
         }
     }
-    let nemesis_result = nemesis.await?;
-    nemesis::heal_network(&testbed);
-    nemesis_result.context("applying a fault")?;
+    end_nemesis(nemesis, &testbed).await?;
     for name in [SECOND, PRIM] {
         testbed.pause_node(name, false);
         if !testbed.is_running(name) {

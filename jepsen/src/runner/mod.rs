@@ -90,13 +90,7 @@ async fn run_register(
         token.clone(),
         observer_end,
     ));
-    let nemesis = tokio::spawn(nemesis::run_schedule(
-        testbed.clone(),
-        config.nemeses.clone(),
-        StdRng::seed_from_u64(config.seed),
-        history.clone(),
-        config.time,
-    ));
+    let nemesis = start_nemesis(&config, &testbed, &history);
     let client = |id: u64| RegisterClient {
         id,
         clients: config.clients as u64,
@@ -112,9 +106,7 @@ async fn run_register(
     for task in clients {
         task.await?;
     }
-    let nemesis_result = nemesis.await?;
-    nemesis::heal_network(&testbed);
-    nemesis_result.context("applying a fault")?;
+    end_nemesis(nemesis, &testbed).await?;
 
     // Final reads, once healed: every key through a node that answers.
     tokio::time::sleep(RECOVERY).await;
@@ -139,6 +131,31 @@ async fn run_register(
     }
     observer.await?;
     finish(&config, &testbed, &history, report_dir)
+}
+
+/// The seeded fault schedule for the run's time, recorded in `history`.
+fn start_nemesis(
+    config: &RunConfig,
+    testbed: &Arc<Testbed>,
+    history: &Arc<History>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(nemesis::run_schedule(
+        testbed.clone(),
+        config.nemeses.clone(),
+        StdRng::seed_from_u64(config.seed),
+        history.clone(),
+        config.time,
+    ))
+}
+
+/// Waits for the schedule's end, then heals the network even when a fault failed.
+async fn end_nemesis(
+    nemesis: tokio::task::JoinHandle<anyhow::Result<()>>,
+    testbed: &Testbed,
+) -> anyhow::Result<()> {
+    let result = nemesis.await?;
+    nemesis::heal_network(testbed);
+    result.context("applying a fault")
 }
 
 /// Checks the history, writes the report folder with the nodes' logs.

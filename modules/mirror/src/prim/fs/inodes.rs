@@ -59,7 +59,7 @@ pub(super) struct Inodes {
 const ROOT: u64 = 1;
 /// Numbers given to nodes whose real number is taken start here, far above the inode
 /// numbers disks give; one still in use by a real number is skipped.
-pub(super) const FRESH: u64 = 1 << 63;
+const FRESH: u64 = 1 << 63;
 
 impl Inodes {
     pub(super) fn new() -> Self {
