@@ -406,3 +406,106 @@ impl Drop for Unmount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A writer throttled by a frozen SECOND holds one dispatch thread: in `fsync` mode
+/// writes return before SECOND has them, until the bytes in flight fill the send
+/// window. Lookups and reads of other files go on beside it. With a single dispatch
+/// thread they would wait with it until the link timeout declared SECOND lost. (In
+/// `write` mode each write waits for SECOND's acknowledgement without holding a thread;
+/// a create waits holding its directory's lock in the kernel, as it must.)
+#[test]
+fn lookups_and_reads_answer_while_a_writer_waits_for_the_send_window() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let setup = Setup::new();
+    let port = free_port();
+    let second = setup.second("b", port, 0);
+    let extra = [
+        "--peer".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--epoch".into(),
+        "1".into(),
+        "--link-timeout".into(),
+        "20s".into(),
+        "--ack".into(),
+        "fsync".into(),
+    ];
+    let mut prim = setup.spawn("prim", "a", &extra);
+    prim.wait_for("synced", Duration::from_secs(30));
+    let a = setup.path("a");
+    // Write-only, then read-write: both direct, so every read reaches the mount.
+    let shared = a.join("shared");
+    std::fs::write(&shared, vec![7u8; 65536]).unwrap();
+    let _writer_side = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shared)
+        .unwrap();
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&shared)
+        .unwrap();
+
+    std::fs::write(a.join("big"), b"").unwrap();
+    second.pause();
+    const TOTAL: u64 = 160 << 20;
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = std::thread::spawn({
+        let (path, written) = (a.join("big"), written.clone());
+        move || {
+            let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let chunk = vec![1u8; 1 << 20];
+            while written.load(Ordering::SeqCst) < TOTAL {
+                let at = written.load(Ordering::SeqCst);
+                file.write_all_at(&chunk, at).unwrap();
+                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+        }
+    });
+    // Stalled: no progress for half a second, short of the end.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = (written.load(Ordering::SeqCst), Instant::now());
+    while seen.1.elapsed() < Duration::from_millis(500) {
+        assert!(Instant::now() < deadline, "the writer never stalled");
+        std::thread::sleep(Duration::from_millis(20));
+        let now = written.load(Ordering::SeqCst);
+        if now != seen.0 {
+            seen = (now, Instant::now());
+        }
+    }
+    assert!(seen.0 < TOTAL, "the writer finished with SECOND frozen");
+    // Past the 64 MiB window: held by it, not by anything before.
+    assert!(
+        seen.0 >= 60 << 20,
+        "the writer stalled after {} bytes",
+        seen.0
+    );
+
+    let started = Instant::now();
+    for k in 0..20 {
+        let missing = std::fs::metadata(a.join(format!("missing-{k}")));
+        assert_eq!(missing.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        let mut buf = [0u8; 4096];
+        reader.read_exact_at(&mut buf, k * 1024).unwrap();
+        assert_eq!(buf, [7u8; 4096]);
+    }
+    let took = started.elapsed();
+    let still = written.load(Ordering::SeqCst);
+    second.resume();
+    writer.join().unwrap();
+    assert_eq!(
+        still, seen.0,
+        "the writer moved while the others were measured"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "20 lookups and reads took {took:?} beside a throttled writer"
+    );
+    drop((reader, _writer_side));
+    prim.terminate();
+    let (same, report) = setup.verify();
+    assert!(same, "SECOND's copy differs:\n{report}");
+}

@@ -82,6 +82,10 @@ pub struct PrimArgs {
     /// Serve read-only opens without FUSE passthrough.
     #[arg(long)]
     no_passthrough: bool,
+    /// Threads answering the kernel's requests on the mount.
+    #[arg(long, default_value_t = rampart_mirror::prim::DISPATCH_THREADS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    dispatch_threads: u16,
 }
 
 #[derive(Args, Debug)]
@@ -140,6 +144,7 @@ pub async fn run(command: &MirrorCommand) -> anyhow::Result<ExitCode> {
                 .map(|p| p.trim_matches('/').as_bytes().to_vec())
                 .collect();
             config.passthrough = !args.no_passthrough;
+            config.dispatch_threads = args.dispatch_threads.into();
             // By hand there is no cluster to record "SECOND not up to date" in: go on
             // alone as soon as the peer is lost.
             config.continue_alone = true;

@@ -105,6 +105,21 @@ impl MirrorProcess {
         self.kill();
     }
 
+    /// SIGSTOP: frozen, its sockets open. Never for a PRIM while the caller touches its
+    /// mount (the caller would wait on the frozen FUSE server).
+    #[allow(dead_code, reason = "used by tests/mirror.rs, not by every includer")]
+    pub fn pause(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    /// SIGCONT after [`MirrorProcess::pause`].
+    #[allow(dead_code, reason = "used by tests/mirror.rs, not by every includer")]
+    pub fn resume(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     /// SIGKILL, and the mount it left removed.
     pub fn kill(&mut self) {
         self.crash();

@@ -325,27 +325,29 @@ async fn notreplicated_paths_stay_on_prim() {
     );
 }
 
-/// PRIM's tree without `scratch` matches SECOND's.
+/// PRIM's top level without `scratch` matches SECOND's, names and file contents (a
+/// write acknowledged as received may not be applied yet).
 async fn converge_except_scratch(a: &std::path::Path, b: &std::path::Path) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let names = |dir: &std::path::Path| {
-            let mut names: Vec<_> = std::fs::read_dir(dir)
+        let files = |dir: &std::path::Path| {
+            let mut files: Vec<_> = std::fs::read_dir(dir)
                 .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .filter(|n| n != "scratch")
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_name() != "scratch")
+                .map(|e| (e.file_name(), std::fs::read(e.path()).ok()))
                 .collect();
-            names.sort();
-            names
+            files.sort();
+            files
         };
-        if names(a) == names(b) {
+        if files(a) == files(b) {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "{:?} != {:?}",
-            names(a),
-            names(b)
+            files(a),
+            files(b)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

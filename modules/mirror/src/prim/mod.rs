@@ -28,6 +28,9 @@ use crate::{AckMode, MirrorError};
 /// The default of [`PrimConfig::park_timeout`]: far beyond a failover decision.
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The default of [`PrimConfig::dispatch_threads`].
+pub const DISPATCH_THREADS: usize = 4;
+
 /// How PRIM is set up.
 #[derive(Clone, Debug)]
 pub struct PrimConfig {
@@ -59,6 +62,11 @@ pub struct PrimConfig {
     /// An application call waiting for a decision about a lost peer (continue alone
     /// or stop) fails with `EIO` after this long.
     pub park_timeout: Duration,
+    /// Threads that take requests from the kernel and answer them, each on its own
+    /// clone of the FUSE connection: reads, lookups and attribute requests run beside
+    /// a change that waits for the disk, the book or the send window. Changes still
+    /// apply and stream one at a time, in one order (the engine's order lock).
+    pub dispatch_threads: usize,
 }
 
 impl PrimConfig {
@@ -79,6 +87,7 @@ impl PrimConfig {
             continue_alone: false,
             passthrough: true,
             park_timeout: PARK_TIMEOUT,
+            dispatch_threads: DISPATCH_THREADS,
         }
     }
 }
@@ -228,7 +237,8 @@ impl Primary {
             fuser::MountOption::Dev,
         ];
         options.acl = fuser::SessionACL::All;
-        options.n_threads = Some(1);
+        options.n_threads = Some(engine.config.dispatch_threads.max(1));
+        options.clone_fd = true;
         let fs = fs::MirrorFs::new(engine.clone());
         let notifier = fs.notifier_slot();
         let session = fuser::spawn_mount(fs, &dir, &options)

@@ -277,7 +277,7 @@ impl Engine {
     /// Waits while the bytes in flight exceed the window and the link is up: a peer
     /// that acknowledges slowly throttles the writers; one that goes quiet is declared
     /// lost by the watchdog, which ends the wait.
-    fn wait_for_window(&self) {
+    pub(crate) fn wait_for_window(&self) {
         let mut link = self.lock_link();
         while link.phase == Phase::Streaming && link.in_flight_bytes > self.config.window_bytes {
             link = self

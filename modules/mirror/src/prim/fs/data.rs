@@ -426,18 +426,26 @@ impl MirrorFs {
         } else {
             Ticket::Now
         };
+        // A directory (or a file the kernel sends no handle for) is opened here, while
+        // its path is current; the sync itself runs on a worker.
+        let target = match file {
+            Some(file) => Ok(Synced::File(file)),
+            None => self
+                .engine
+                .tree
+                .open_at(&path, OFlags::RDONLY, 0)
+                .map(Synced::Opened)
+                .map_err(|e| {
+                    rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
+                }),
+        };
         let engine = self.engine.clone();
         self.syncers.run(move || {
-            let local = match &file {
-                Some(file) if datasync => rustix::fs::fdatasync(file.as_fd()),
-                Some(file) => rustix::fs::fsync(file.as_fd()),
-                None => match engine.tree.open_at(&path, OFlags::RDONLY, 0) {
-                    Ok(fd) => rustix::fs::fsync(&fd),
-                    Err(e) => Err(rustix::io::Errno::from_raw_os_error(
-                        e.raw_os_error().unwrap_or(libc::EIO),
-                    )),
-                },
-            };
+            let local = target.and_then(|target| match &target {
+                Synced::File(file) if datasync => rustix::fs::fdatasync(file.as_fd()),
+                Synced::File(file) => rustix::fs::fsync(file.as_fd()),
+                Synced::Opened(fd) => rustix::fs::fsync(fd),
+            });
             if let Err(e) = local {
                 return reply.error(errno_of_rustix(e));
             }
@@ -451,6 +459,12 @@ impl MirrorFs {
             );
         });
     }
+}
+
+/// What an fsync syncs: an open handle's file, or one opened for the sync.
+enum Synced {
+    File(Arc<OpenFile>),
+    Opened(std::os::fd::OwnedFd),
 }
 
 #[cfg(test)]

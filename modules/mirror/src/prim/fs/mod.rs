@@ -26,7 +26,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -51,6 +51,15 @@ const TTL: Duration = Duration::from_secs(1);
 pub(crate) struct MirrorFs {
     engine: Arc<Engine>,
     inodes: Arc<Mutex<Inodes>>,
+    /// Held shared by a request from the moment it resolves an inode to a path until it
+    /// is done with that path (a lookup's stat, a change's local apply and frame), and
+    /// exclusively by the requests that move or remove names (rename, unlink, rmdir).
+    /// With several dispatch threads a path is then never used after a rename made it
+    /// stale: locally it would name another file or none, and SECOND would get the
+    /// change under the old name after the rename. The kernel's own directory locks do
+    /// not cover this (a rename of `a` does not lock `a`, in which a create or a write
+    /// resolves `a/f`). Lock order: names, then the engine's locks.
+    names: RwLock<()>,
     /// Open files by handle number (shared with create's deferred reply, which
     /// forgets the handle when the create fails).
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
@@ -74,6 +83,7 @@ impl MirrorFs {
         MirrorFs {
             engine,
             inodes: Arc::new(Mutex::new(Inodes::new())),
+            names: RwLock::new(()),
             handles: Arc::new(Mutex::new(HashMap::new())),
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -92,6 +102,25 @@ impl MirrorFs {
 
     fn inodes(&self) -> std::sync::MutexGuard<'_, Inodes> {
         self.inodes.lock().expect("inode lock")
+    }
+
+    /// For a request that resolves and uses paths without changing anything.
+    fn resolving(&self) -> RwLockReadGuard<'_, ()> {
+        self.names.read().expect("names lock")
+    }
+
+    /// For a request that changes what its paths name. It waits for room in the send
+    /// window first, so that a writer throttled by a slow peer does not hold the names
+    /// (and every lookup behind a waiting rename) meanwhile.
+    fn changing(&self) -> RwLockReadGuard<'_, ()> {
+        self.engine.wait_for_window();
+        self.names.read().expect("names lock")
+    }
+
+    /// For a request that moves or removes names.
+    fn moving(&self) -> RwLockWriteGuard<'_, ()> {
+        self.engine.wait_for_window();
+        self.names.write().expect("names lock")
     }
 
     fn path(&self, ino: INodeNo) -> Result<RelPath, Errno> {
@@ -187,6 +216,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _names = self.resolving();
         let path = match self.child(parent, name) {
             Ok(path) => path,
             Err(e) => return reply.error(e),
@@ -206,6 +236,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _names = self.resolving();
         let stat = match fh.map(|fh| self.handle_file(fh)) {
             Some(Ok(file)) => rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix),
             _ => match self.path(ino) {
@@ -246,6 +277,7 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _names = self.changing();
         if let Some(file) = self.unlinked_file(ino) {
             // No name on SECOND either: changed here only.
             let changed = size
@@ -288,6 +320,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _names = self.resolving();
         match self
             .path(ino)
             .and_then(|p| self.engine.tree.meta(&p).map_err(errno_of))
@@ -308,6 +341,7 @@ impl Filesystem for MirrorFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _names = self.changing();
         self.make_node(req, parent, name, mode & !umask, rdev, reply);
     }
 
@@ -320,14 +354,17 @@ impl Filesystem for MirrorFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _names = self.changing();
         self.make_dir(req, parent, name, mode & !umask, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _names = self.moving();
         self.remove(parent, name, false, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _names = self.moving();
         self.remove(parent, name, true, reply);
     }
 
@@ -339,6 +376,7 @@ impl Filesystem for MirrorFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _names = self.changing();
         self.make_symlink(req, parent, link_name, target, reply);
     }
 
@@ -352,6 +390,7 @@ impl Filesystem for MirrorFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _names = self.moving();
         self.rename_entry(parent, name, newparent, newname, flags, reply);
     }
 
@@ -367,6 +406,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _names = self.resolving();
         self.open_file(ino, flags, reply);
     }
 
@@ -402,6 +442,7 @@ impl Filesystem for MirrorFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _names = self.changing();
         let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         self.write_data(ino, fh, offset, data, kill_suidgid, reply);
     }
@@ -452,11 +493,13 @@ impl Filesystem for MirrorFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _names = self.changing();
         let file = self.handle_file(fh).ok();
         self.sync(ino, file, datasync, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _names = self.resolving();
         self.open_dir(ino, reply);
     }
 
@@ -468,6 +511,7 @@ impl Filesystem for MirrorFs {
         offset: u64,
         reply: ReplyDirectory,
     ) {
+        let _names = self.resolving();
         self.read_dir(ino, fh, offset, reply);
     }
 
@@ -491,6 +535,7 @@ impl Filesystem for MirrorFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _names = self.changing();
         self.sync(ino, None, datasync, reply);
     }
 
@@ -520,6 +565,7 @@ impl Filesystem for MirrorFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _names = self.changing();
         let op = match self.changeable_path(ino) {
             Ok(path) => Op::SetXattr {
                 path,
@@ -532,6 +578,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _names = self.resolving();
         match self.get_xattr(ino, name.as_bytes()) {
             Ok(value) if size == 0 => reply.size(value.len() as u32),
             Ok(value) if value.len() <= size as usize => reply.data(&value),
@@ -541,6 +588,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _names = self.resolving();
         match self
             .path(ino)
             .and_then(|p| self.engine.tree.list_xattr(&p).map_err(errno_of))
@@ -553,6 +601,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _names = self.changing();
         let op = match self.changeable_path(ino) {
             Ok(path) => Op::RemoveXattr {
                 path,
@@ -578,6 +627,7 @@ impl Filesystem for MirrorFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _names = self.changing();
         self.create_file(req, parent, name, mode & !umask, flags, reply);
     }
 
@@ -591,6 +641,7 @@ impl Filesystem for MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _names = self.changing();
         let path = self.path(ino).and_then(|path| {
             self.drop_set_id_unless_privileged(req, &path)
                 .map(|()| path)
