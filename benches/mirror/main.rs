@@ -14,12 +14,16 @@
 //! fdatasync (p50, p99), beside what waking a thread costs on this machine (each
 //! replication hop is one); reintegration of a 100,000-file tree after 1 % of it changed,
 //! against rsync of the same trees and a plain copy of the changed files over the
-//! replica's old versions.
+//! replica's old versions; PostgreSQL's pgbench (read-write and select-only, 8 clients)
+//! on `native`, `glusterfs-r2` and `rampart-write`.
 //!
-//! Run as root: `cargo bench --bench mirror` (`-- --quick` for a short run).
-//! The baselines need glusterfs-server, bindfs and rsync (`./dev bench` installs them).
+//! Run as root: `cargo bench --bench mirror` (`-- --quick` for a short run; naming
+//! workloads, e.g. `-- pgbench`, runs only those).
+//! The baselines need glusterfs-server, bindfs, rsync and postgresql-15 (`./dev bench`
+//! installs them).
 
 mod data_path;
+mod pgbench;
 mod reintegration;
 mod targets;
 
@@ -38,6 +42,11 @@ struct Plan {
     latency_ops: usize,
     tree_files: usize,
     reintegration_rounds: usize,
+    /// pgbench: scale factors, rounds (each a read-write then a select-only run per
+    /// target) and seconds per run.
+    pg_scales: Vec<u32>,
+    pg_rounds: usize,
+    pg_seconds: u32,
 }
 
 impl Plan {
@@ -48,6 +57,9 @@ impl Plan {
             latency_ops: 2000,
             tree_files: 100_000,
             reintegration_rounds: 2,
+            pg_scales: vec![20, 100],
+            pg_rounds: 3,
+            pg_seconds: 30,
         }
     }
 
@@ -58,19 +70,32 @@ impl Plan {
             latency_ops: 300,
             tree_files: 10_000,
             reintegration_rounds: 1,
+            pg_scales: vec![20],
+            pg_rounds: 1,
+            pg_seconds: 10,
         }
     }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    const WORKLOADS: [&str; 3] = ["data-path", "reintegration", "pgbench"];
     // `cargo bench` passes `--bench`; anything else we do not know is a mistake.
     for arg in &args[1..] {
-        if !["--bench", "--quick"].contains(&arg.as_str()) {
-            eprintln!("unknown argument {arg:?}; usage: cargo bench --bench mirror [-- --quick]");
+        if !["--bench", "--quick"].contains(&arg.as_str()) && !WORKLOADS.contains(&arg.as_str()) {
+            eprintln!(
+                "unknown argument {arg:?}; usage: cargo bench --bench mirror -- [--quick] [{}]...",
+                WORKLOADS.join("|")
+            );
             std::process::exit(2);
         }
     }
+    // The workloads named, or all of them.
+    let chosen: Vec<&str> = WORKLOADS
+        .into_iter()
+        .filter(|w| args.iter().any(|a| a == w))
+        .collect();
+    let runs_workload = |w: &str| chosen.is_empty() || chosen.contains(&w);
     let plan = if args.iter().any(|a| a == "--quick") {
         Plan::quick()
     } else {
@@ -84,8 +109,15 @@ fn main() {
     std::fs::create_dir_all(ROOT).expect("create the benchmark directory");
     let started = Instant::now();
     println!("mirror data plane, {} round(s), alternated\n", plan.rounds);
-    data_path::run(&plan);
-    reintegration::run(&plan);
+    if runs_workload("data-path") {
+        data_path::run(&plan);
+    }
+    if runs_workload("reintegration") {
+        reintegration::run(&plan);
+    }
+    if runs_workload("pgbench") {
+        pgbench::run(&plan);
+    }
     println!("\ntotal {:.0} s", started.elapsed().as_secs_f64());
     let _ = std::fs::remove_dir_all(ROOT);
 }
