@@ -88,9 +88,9 @@ fn change_under(dir: &std::path::Path, i: u8, stop: &AtomicBool) -> usize {
         let offset = u64::from(n.wrapping_mul(2_654_435_761) % 64) * 4096;
         rustix::io::pwrite(file.as_fd(), &[i.wrapping_add(n as u8); 4096], offset).unwrap();
         if n % 8 == 0 {
-            // Known, open (issue 14's notes): about one run in six, an fchmod here
-            // fails with ENOENT. Counted and shown, not yet judged; what SECOND got
-            // is judged by the caller.
+            // Known, open (issue 14's notes): in some runs an fchmod here fails with
+            // ENOENT, with one dispatch thread as with several. Counted and shown,
+            // not yet judged; what SECOND got is judged by the caller.
             let mode = Mode::from_raw_mode(0o600 | ((n % 2) * 0o44));
             if let Err(e) = rustix::fs::fchmod(&file, mode) {
                 assert_eq!(e, rustix::io::Errno::NOENT, "fchmod");
