@@ -325,7 +325,10 @@ impl Primary {
     }
 
     fn shutdown(&mut self) {
-        // First: nothing is acknowledged from here on, whatever the link does next.
+        // What the peer durably holds need not be sent again, whoever is PRIM next
+        // (bookkeeping only; while the session is still current).
+        self.engine.clear_all_settled_intents();
+        // Then: nothing is acknowledged from here on, whatever the link does next.
         self.engine.fence("PRIM stopped");
         let _ = self.stop.send(true);
         self.link.stop();

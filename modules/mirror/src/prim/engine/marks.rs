@@ -2,6 +2,7 @@
 //! under the order lock so that a change consults them without reading RocksDB.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use rampart_storage::{book, MarkKind, Marks};
@@ -28,9 +29,10 @@ pub(super) struct Intent {
 }
 
 impl Intent {
-    /// The peer durably holds every change this intent covers, and it is not hot.
-    fn settled(&self, durable: u64) -> bool {
-        self.written.unwrap_or(self.marked) <= durable && self.touched.elapsed() > INTENT_LINGER
+    /// The peer durably holds every change this intent covers, and it was not touched
+    /// within `linger`.
+    fn settled(&self, durable: u64, linger: Duration) -> bool {
+        self.written.unwrap_or(self.marked) <= durable && self.touched.elapsed() >= linger
     }
 
     fn unsettled_write(&self, durable: u64) -> bool {
@@ -50,64 +52,80 @@ pub(super) struct Order {
     /// Each sequentially written file's last window of intents.
     pub(super) ahead: HashMap<RelPath, Run>,
     pub(super) epochs: Epochs,
+    /// Bumped whenever settled intents or reintegrated dirty marks leave the book.
+    pub(super) cleared: u64,
 }
 
-impl Engine {
-    pub(super) fn record_intents(&self, order: &mut Order, touch: &Touch) -> Result<(), i32> {
-        let mut new = Marks::default();
+/// What removes marks from the book, as seen at one instant: marks found missing under
+/// the order lock and written without it ([`Engine::begin`]) are taken into the cache
+/// only if this is unchanged, since whatever removed marks meanwhile may have removed
+/// those (the cache must never hold a mark the book lost).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Removals {
+    epochs: Epochs,
+    cleared: u64,
+}
+
+/// Marks a change needs in the book before it applies, and that the cache says are not
+/// there yet.
+pub(super) struct Missing {
+    kind: MarkKind,
+    marks: Marks,
+    /// Intents: the zones each window marks ahead of a writer.
+    windows: Vec<(RelPath, Range<u64>)>,
+    pub(super) removals: Removals,
+}
+
+impl Missing {
+    pub(super) fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+}
+
+impl Order {
+    pub(super) fn removals(&self) -> Removals {
+        Removals {
+            epochs: self.epochs,
+            cleared: self.cleared,
+        }
+    }
+
+    /// The intents `touch` needs: each unmarked zone with a window ahead of it, and
+    /// each unmarked path.
+    pub(super) fn missing_intents(&self, touch: &Touch) -> Missing {
+        let mut marks = Marks::default();
         let mut windows = Vec::new();
         for (path, zones) in &touch.marks.zones {
-            for zone in zones {
-                if !order.intent_zones.contains_key(&(path.clone(), *zone)) {
-                    let window = window_at(order, path, *zone);
-                    for ahead in *zone..*zone + window {
-                        if !order.intent_zones.contains_key(&(path.clone(), ahead)) {
-                            new.add_zone(path, ahead);
+            for &zone in zones {
+                if !self.intent_zones.contains_key(&(path.clone(), zone)) {
+                    let window = window_at(self, path, zone);
+                    for ahead in zone..zone + window {
+                        if !self.intent_zones.contains_key(&(path.clone(), ahead)) {
+                            marks.add_zone(path, ahead);
                         }
                     }
-                    windows.push((path, *zone..*zone + window));
+                    windows.push((path.clone(), zone..zone + window));
                 }
             }
         }
         for path in &touch.marks.paths {
-            if !order.intent_paths.contains_key(path) {
-                new.add_path(path);
+            if !self.intent_paths.contains_key(path) {
+                marks.add_path(path);
             }
         }
-        if !new.is_empty() {
-            self.book.add(MarkKind::Intent, &new).map_err(|e| {
-                tracing::error!("cannot record replication intents: {e}");
-                libc::EIO
-            })?;
-            let mark = Intent {
-                marked: order.last_seq,
-                written: None,
-                touched: Instant::now(),
-            };
-            for (path, zones) in new.zones {
-                for zone in zones {
-                    order.intent_zones.insert((path.clone(), zone), mark);
-                }
-            }
-            for path in new.paths {
-                order.intent_paths.insert(path, mark);
-            }
-            for (path, zones) in windows {
-                let run = order.ahead.entry(path.clone()).or_default();
-                if zones.end > run.end {
-                    run.end = zones.end;
-                    run.window = zones.end - zones.start;
-                }
-            }
+        Missing {
+            kind: MarkKind::Intent,
+            marks,
+            windows,
+            removals: self.removals(),
         }
-        self.marker.after_change(order, &touch.marks);
-        Ok(())
     }
 
-    pub(super) fn record_dirty(&self, order: &mut Order, marks: &Marks) -> Result<(), i32> {
+    /// The dirty marks of `marks` the dirty set lacks.
+    pub(super) fn missing_dirty(&self, marks: &Marks) -> Missing {
         let mut new = Marks::default();
         for (path, zones) in &marks.zones {
-            let known = order.dirty.zones.get(path);
+            let known = self.dirty.zones.get(path);
             for zone in zones {
                 if !known.is_some_and(|k| k.contains(zone)) {
                     new.add_zone(path, *zone);
@@ -115,19 +133,75 @@ impl Engine {
             }
         }
         for path in &marks.paths {
-            if !order.dirty.paths.contains(path) {
+            if !self.dirty.paths.contains(path) {
                 new.add_path(path);
             }
         }
-        if new.is_empty() {
+        Missing {
+            kind: MarkKind::Dirty,
+            marks: new,
+            windows: Vec::new(),
+            removals: self.removals(),
+        }
+    }
+
+    /// Takes marks the book now holds into the cache.
+    pub(super) fn take(&mut self, missing: Missing) {
+        let Missing {
+            kind,
+            marks,
+            windows,
+            ..
+        } = missing;
+        if kind == MarkKind::Dirty {
+            self.dirty.extend(&marks);
+            return;
+        }
+        let mark = Intent {
+            marked: self.last_seq,
+            written: None,
+            touched: Instant::now(),
+        };
+        for (path, zones) in marks.zones {
+            for zone in zones {
+                self.intent_zones.insert((path.clone(), zone), mark);
+            }
+        }
+        for path in marks.paths {
+            self.intent_paths.insert(path, mark);
+        }
+        for (path, zones) in windows {
+            let run = self.ahead.entry(path).or_default();
+            if zones.end > run.end {
+                run.end = zones.end;
+                run.window = zones.end - zones.start;
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Records `missing` in the book (synced) and in the cache, under the order lock.
+    pub(super) fn record(&self, order: &mut Order, missing: Missing) -> Result<(), i32> {
+        if missing.is_empty() {
             return Ok(());
         }
-        self.book.add(MarkKind::Dirty, &new).map_err(|e| {
-            tracing::error!("cannot record dirty zones: {e}");
-            libc::EIO
-        })?;
-        order.dirty.extend(&new);
+        self.write_marks(&missing)?;
+        order.take(missing);
         Ok(())
+    }
+
+    /// The synced book write of `missing`; the order lock need not be held.
+    pub(super) fn write_marks(&self, missing: &Missing) -> Result<(), i32> {
+        self.book.add(missing.kind, &missing.marks).map_err(|e| {
+            tracing::error!("cannot record {:?} marks: {e}", missing.kind);
+            libc::EIO
+        })
+    }
+
+    pub(super) fn record_dirty(&self, order: &mut Order, marks: &Marks) -> Result<(), i32> {
+        let missing = order.missing_dirty(marks);
+        self.record(order, missing)
     }
 
     /// Written intents the peer does not durably hold become dirty; the others (settled,
@@ -161,8 +235,19 @@ impl Engine {
         }
     }
 
-    /// Clears intents whose every change the peer holds durably. Not synced.
+    /// Clears intents whose every change the peer holds durably, except those touched
+    /// within [`INTENT_LINGER`]. Not synced.
     pub(crate) fn clear_settled_intents(&self) {
+        self.clear_intents_settled_for(INTENT_LINGER)
+    }
+
+    /// On a clean stop: every settled intent, hot or not, so that the next session
+    /// (this node as SECOND, say) does not send them again.
+    pub(crate) fn clear_all_settled_intents(&self) {
+        self.clear_intents_settled_for(Duration::ZERO)
+    }
+
+    fn clear_intents_settled_for(&self, linger: Duration) {
         let mut order = self.lock_order();
         let durable = {
             let link = self.lock_link();
@@ -179,14 +264,14 @@ impl Engine {
             ..
         } = &mut *order;
         intent_zones.retain(|(path, zone), intent| {
-            let settle = intent.settled(durable) && !ahead::recording(ahead, path, *zone);
+            let settle = intent.settled(durable, linger) && !ahead::recording(ahead, path, *zone);
             if settle {
                 settled.add_zone(path, *zone);
             }
             !settle
         });
         intent_paths.retain(|path, intent| {
-            let settle = intent.settled(durable);
+            let settle = intent.settled(durable, linger);
             if settle {
                 settled.add_path(path);
             }
@@ -197,6 +282,10 @@ impl Engine {
             run.recording.is_some()
                 || intent_zones.contains_key(&(path.clone(), run.end.saturating_sub(1)))
         });
+        if settled.is_empty() {
+            return;
+        }
+        order.cleared += 1;
         if let Err(e) = self.book.clear(MarkKind::Intent, &settled) {
             tracing::warn!("cannot clear settled intents: {e}");
         }
@@ -222,6 +311,7 @@ impl Engine {
             return;
         }
         order.dirty.remove(marks);
+        order.cleared += 1;
         if let Err(e) = self.book.clear(MarkKind::Dirty, marks) {
             tracing::warn!("cannot clear reintegrated marks: {e}");
         }
@@ -259,7 +349,7 @@ mod tests {
     use super::*;
 
     /// Marks what `window_at` asks for at the first unmarked zone a writer reaches, as
-    /// `record_intents` does; returns how many bookkeeping writes that took.
+    /// `Order::missing_intents` finds them; returns how many bookkeeping writes that took.
     fn write_zones(order: &mut Order, path: &[u8], zones: impl Iterator<Item = u64>) -> usize {
         let mut book_writes = 0;
         for zone in zones {

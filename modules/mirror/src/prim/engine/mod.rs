@@ -251,14 +251,37 @@ impl Engine {
     pub fn begin(&self, touch: Touch) -> Result<Change<'_>, i32> {
         self.wait_for_window();
         let mut order = self.lock_order();
-        let phase = self.lock_link().phase;
-        if !self.may_acknowledge() {
-            return Err(libc::EROFS);
-        }
-        match phase {
-            Phase::Fenced => return Err(libc::EROFS),
-            Phase::Streaming => self.record_intents(&mut order, &touch)?,
-            Phase::Stalled | Phase::Alone => self.record_dirty(&mut order, &touch.marks)?,
+        let phase = loop {
+            let phase = self.lock_link().phase;
+            if !self.may_acknowledge() {
+                return Err(libc::EROFS);
+            }
+            let missing = match phase {
+                Phase::Fenced => return Err(libc::EROFS),
+                Phase::Streaming => order.missing_intents(&touch),
+                Phase::Stalled | Phase::Alone => order.missing_dirty(&touch.marks),
+            };
+            if missing.is_empty() {
+                break phase;
+            }
+            // Group commit: the synced write runs without the order lock, so that
+            // writers reaching new zones together share one WAL sync (RocksDB groups
+            // concurrent synced writes). The caller's names lock keeps the paths valid.
+            // Taken into the cache only if nothing left the book meanwhile and the
+            // phase still asks for this kind of mark; else found again (the book
+            // keeps the extra marks, which only costs a resend after a crash).
+            drop(order);
+            let written = self.write_marks(&missing);
+            #[cfg(test)]
+            tests::in_gap(self);
+            order = self.lock_order();
+            written?;
+            if order.removals() == missing.removals && self.lock_link().phase == phase {
+                order.take(missing);
+            }
+        };
+        if phase == Phase::Streaming {
+            self.marker.after_change(&mut order, &touch.marks);
         }
         for (from, to) in &touch.copies {
             if let Err(e) = self.book.copy_marks(from, to) {
@@ -515,271 +538,4 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use rampart_raft::transport::ClusterKey;
-
-    use rampart_storage::Marks;
-
-    use super::*;
-    use crate::protocol::Op;
-
-    /// An engine over scratch directories, not connected (phase Stalled).
-    pub(super) fn engine(dir: &tempfile::TempDir) -> Engine {
-        let (tree_dir, book_dir) = (dir.path().join("tree"), dir.path().join("book"));
-        std::fs::create_dir_all(&tree_dir).unwrap();
-        let config = PrimConfig::new(
-            tree_dir.clone(),
-            book_dir.clone(),
-            "127.0.0.1:9".into(),
-            ClusterKey::from_secret(b"engine test"),
-            1,
-        );
-        let (events, _) = amps::unbounded_channel();
-        let tree = Tree::open(&tree_dir).unwrap();
-        Engine::new(
-            tree,
-            ReplicationBook::open(&book_dir).unwrap(),
-            config,
-            events,
-        )
-        .unwrap()
-    }
-
-    /// Commits a change while stalled and returns its (parked) ticket.
-    fn parked_change(engine: &Engine) -> Ticket {
-        let change = engine.begin(Touch::path(b"f")).unwrap();
-        let op = Op::Unlink {
-            path: b"f".to_vec(),
-        };
-        let ticket = change.commit(op, &[]);
-        assert!(matches!(ticket, Ticket::Parked));
-        ticket
-    }
-
-    /// Waits on `ticket` at `level`; the answer arrives on the receiver.
-    fn waiting(engine: &Engine, ticket: Ticket, level: Level) -> mpsc::Receiver<Result<(), i32>> {
-        let (tx, rx) = mpsc::channel();
-        engine.wait(
-            ticket,
-            level,
-            Box::new(move |result| tx.send(result).unwrap()),
-        );
-        rx
-    }
-
-    fn answer(engine: &Engine, ticket: Ticket) -> Option<Result<(), i32>> {
-        let rx = waiting(engine, ticket, Level::Received);
-        rx.recv_timeout(Duration::from_secs(1)).ok()
-    }
-
-    #[test]
-    fn a_waiter_that_comes_after_the_decision_to_go_alone_is_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir);
-        // The change is parked while stalled; the caller decides before it waits.
-        let ticket = parked_change(&engine);
-        let lost = engine.lock_link().session;
-        engine.go_alone(lost).unwrap();
-        assert_eq!(answer(&engine, ticket), Some(Ok(())));
-    }
-
-    #[test]
-    fn a_waiter_that_comes_after_the_fence_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir);
-        let ticket = parked_change(&engine);
-        engine.fence("test");
-        assert_eq!(answer(&engine, ticket), Some(Err(libc::EIO)));
-    }
-
-    #[test]
-    fn a_parked_waiter_is_answered_when_the_caller_decides() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir);
-        let ticket = parked_change(&engine);
-        let rx = waiting(&engine, ticket, Level::Received);
-        assert!(rx.try_recv().is_err(), "answered before the decision");
-        let lost = engine.lock_link().session;
-        engine.go_alone(lost).unwrap();
-        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
-    }
-
-    #[test]
-    fn a_failure_reported_before_an_earlier_send_settles_keeps_the_marks_dirty() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir);
-        std::fs::write(dir.path().join("tree/f"), vec![1u8; 100]).unwrap();
-        let (frames, _sent) = amps::unbounded_channel();
-        let session = engine
-            .start_session(frames, None, &Marks::default())
-            .unwrap();
-        // The copier sent zone 0 of f; SECOND reports it could not apply a later change
-        // of f, then acknowledges as durable the copier's send, which would settle it.
-        let mut sent = Marks::default();
-        sent.add_zone(b"f", 0);
-        engine.add_dirty(&sent).unwrap();
-        engine.on_failed(session, &[b"f".to_vec()], "No space left on device");
-        engine.clear_dirty(session, &sent);
-        let dirty = engine.dirty();
-        assert_eq!(
-            dirty.zones.get(&b"f"[..]).map(|z| z.len()),
-            Some(1),
-            "{dirty:?}"
-        );
-        assert!(dirty.paths.contains(&b"f"[..]));
-    }
-
-    #[test]
-    fn a_rename_second_failed_to_apply_marks_both_names_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir);
-        std::fs::create_dir_all(dir.path().join("tree/to")).unwrap();
-        std::fs::write(dir.path().join("tree/to/f"), vec![1u8; 100]).unwrap();
-        let (frames, _sent) = amps::unbounded_channel();
-        let session = engine
-            .start_session(frames, None, &Marks::default())
-            .unwrap();
-        // SECOND still has from/f and its own to/f: both names and both directories.
-        let op = Op::Rename {
-            from: b"from/f".to_vec(),
-            to: b"to/f".to_vec(),
-            flags: 0,
-        };
-        engine.on_failed(session, &op.paths(), "Input/output error");
-        let dirty = engine.dirty();
-        for path in ["from/f", "from", "to/f", "to"] {
-            assert!(dirty.paths.contains(path.as_bytes()), "{path}: {dirty:?}");
-        }
-        assert_eq!(dirty.zones.get(&b"to/f"[..]).map(|z| z.len()), Some(1));
-    }
-
-    #[test]
-    fn a_failure_from_second_parks_the_writes_waiting_for_its_acknowledgement() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir);
-        let (frames, _sent) = amps::unbounded_channel();
-        let session = engine
-            .start_session(frames, None, &Marks::default())
-            .unwrap();
-        engine.release_parked(session);
-        let change = engine.begin(Touch::path(b"f")).unwrap();
-        let ticket = change.commit(
-            Op::Unlink {
-                path: b"f".to_vec(),
-            },
-            &[],
-        );
-        let Ticket::Sent { seq, .. } = ticket else {
-            panic!("streaming: the change was sent");
-        };
-        let rx = waiting(&engine, ticket, Level::Durable);
-        // SECOND could not apply it, then acknowledges its sequence (the ack follows).
-        engine.on_failed(session, &[b"f".to_vec()], "Read-only file system");
-        engine.on_ack(session, seq, seq);
-        assert!(
-            rx.recv_timeout(Duration::from_millis(200)).is_err(),
-            "a change SECOND failed to apply was acknowledged"
-        );
-        assert_eq!(engine.phase(), Phase::Stalled);
-        // And reintegration finishing in the ended session releases nothing.
-        engine.release_parked(session);
-        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
-        let lost = engine.lock_link().session;
-        engine.go_alone(lost).unwrap();
-        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
-    }
-
-    #[test]
-    fn a_renamed_files_marks_are_under_its_new_name_before_the_rename_applies() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir);
-        let mut pending = Marks::default();
-        pending.add_zone(b"d/f", 3);
-        engine.add_dirty(&pending).unwrap();
-        // Begun, not applied: a crash here must find the zone under the new name too.
-        let change = engine.begin(Touch::rename(b"d/f", b"g", false)).unwrap();
-        let book = engine.book.marks(MarkKind::Dirty).unwrap();
-        assert!(
-            book.zones.get(&b"g"[..]).is_some_and(|z| z.contains(&3)),
-            "{book:?}"
-        );
-        assert!(book.zones.get(&b"d/f"[..]).is_some_and(|z| z.contains(&3)));
-        drop(change);
-    }
-
-    #[test]
-    fn a_write_parked_past_the_park_timeout_fails_with_eio() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut engine = engine(&dir);
-        engine.config.park_timeout = Duration::from_millis(100);
-        let ticket = parked_change(&engine);
-        let rx = waiting(&engine, ticket, Level::Received);
-        assert_eq!(engine.expire_parked(), 0, "expired before its time");
-        assert_eq!(engine.parked().0, 1);
-        std::thread::sleep(Duration::from_millis(150));
-        assert_eq!(engine.expire_parked(), 1);
-        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Err(libc::EIO)));
-        assert_eq!(engine.parked().0, 0);
-    }
-
-    #[test]
-    fn nothing_is_acknowledged_once_the_lease_ran_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir);
-        let lost = engine.lock_link().session;
-        engine.go_alone(lost).unwrap();
-        // Alone: a change is acknowledged at once while the lease runs.
-        engine.set_lease_deadline(Some(Instant::now() + Duration::from_secs(60)));
-        let ticket = engine.begin(Touch::path(b"f")).unwrap().commit(
-            Op::Unlink {
-                path: b"f".to_vec(),
-            },
-            &[],
-        );
-        assert_eq!(answer(&engine, ticket), Some(Ok(())));
-        // A change begun within the lease and answered after it fails; a later one is
-        // refused before it applies.
-        let change = engine.begin(Touch::path(b"g")).unwrap();
-        let ticket = change.commit(
-            Op::Unlink {
-                path: b"g".to_vec(),
-            },
-            &[],
-        );
-        engine.set_lease_deadline(Some(Instant::now()));
-        assert_eq!(answer(&engine, ticket), Some(Err(libc::EIO)));
-        assert_eq!(engine.begin(Touch::path(b"h")).err(), Some(libc::EROFS));
-    }
-
-    #[test]
-    fn a_fence_does_not_wait_for_a_change_in_progress() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Arc::new(engine(&dir));
-        let lost = engine.lock_link().session;
-        engine.go_alone(lost).unwrap();
-        // The change holds the order lock (a slow local write, say).
-        let change = engine.begin(Touch::path(b"f")).unwrap();
-        let (fenced_tx, fenced) = mpsc::channel();
-        let fencer = {
-            let engine = engine.clone();
-            std::thread::spawn(move || {
-                engine.fence("test");
-                fenced_tx.send(()).unwrap();
-            })
-        };
-        assert!(
-            fenced.recv_timeout(Duration::from_secs(2)).is_ok(),
-            "the fence waited for the order lock"
-        );
-        let ticket = change.commit(
-            Op::Unlink {
-                path: b"f".to_vec(),
-            },
-            &[],
-        );
-        assert_eq!(answer(&engine, ticket), Some(Err(libc::EIO)));
-        fencer.join().unwrap();
-    }
-}
+mod tests;

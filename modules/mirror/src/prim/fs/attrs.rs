@@ -85,63 +85,48 @@ pub(super) fn set_time(time: Option<TimeOrNow>) -> Option<SetTime> {
 
 impl MirrorFs {
     /// The attribute part of setattr (`attrs`: an [`Op::SetAttr`], or `None` when only
-    /// the size changed), answered with the attributes as they are then.
+    /// the size changed, `truncated` being that change's ticket), answered with the
+    /// attributes as the change left them: read while the path is current, since by
+    /// the time the acknowledgement comes a rename may have moved the file.
     pub(super) fn set_attributes(
         &self,
         ino: INodeNo,
         path: RelPath,
+        truncated: Option<Ticket>,
         attrs: Option<Op>,
         reply: ReplyAttr,
     ) {
         let level = self.engine.write_level();
-        let engine = self.engine.clone();
-        let stat_path = path.clone();
-        let finish = move |result: Result<(), Errno>| {
-            let stat = result.and_then(|()| match engine.tree.stat(&stat_path) {
-                Ok(Some(stat)) => Ok(stat),
-                Ok(None) => Err(Errno::ENOENT),
-                Err(e) => Err(errno_of(e)),
-            });
-            match stat {
-                Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
-                Err(e) => reply.error(e),
-            }
+        let answer = move |result: Result<Option<rustix::fs::Stat>, Errno>| match result {
+            Ok(Some(stat)) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(e),
         };
         let Some(op) = attrs else {
-            // A truncation alone waits for its acknowledgement like a write.
-            let engine = self.engine.clone();
-            let ticket = if level.is_some() {
-                engine.begin(Touch::default()).map(|c| {
-                    c.commit(
-                        Op::Fsync {
-                            path: path.clone(),
-                            datasync: true,
-                        },
-                        &[],
-                    )
-                })
-            } else {
-                Ok(Ticket::Now)
-            };
-            return match ticket {
-                Ok(ticket) => engine.wait(
+            // A truncation alone waits for its own acknowledgement, like a write.
+            let stat = self.engine.tree.stat(&path).map_err(errno_of);
+            return match (truncated, level, stat) {
+                (Some(ticket), Some(level), Ok(stat)) => self.engine.wait(
                     ticket,
-                    level.unwrap_or(Level::Received),
-                    Box::new(move |r| finish(r.map_err(Errno::from_i32))),
+                    level,
+                    Box::new(move |r| answer(r.map(|()| stat).map_err(Errno::from_i32))),
                 ),
-                Err(e) => finish(Err(Errno::from_i32(e))),
+                (_, _, stat) => answer(stat),
             };
         };
-        let tree_engine = self.engine.clone();
+        let engine = self.engine.clone();
+        let stat_path = path.clone();
         self.change(
             &path,
             Touch::path(&path),
             level.or(Some(Level::Received)),
             move || {
-                tree_engine.tree.apply(&op, &[])?;
-                Ok((op, Vec::new(), ()))
+                engine.tree.apply(&op, &[])?;
+                // Applied: a failure to read it back must not keep it from streaming.
+                let stat = engine.tree.stat(&stat_path).ok().flatten();
+                Ok((op, Vec::new(), stat))
             },
-            finish,
+            answer,
         );
     }
 

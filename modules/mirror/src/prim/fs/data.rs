@@ -171,53 +171,45 @@ impl MirrorFs {
     }
 
     /// Truncates `path` (through the open handle when there is one) as a change of its
-    /// own; setattr sends the other attributes after it.
+    /// own, and returns what its acknowledgement will be; setattr sends the other
+    /// attributes after it (their acknowledgement covers it: the stream is in order).
     pub(super) fn truncate(
         &self,
         path: &[u8],
         fh: Option<FileHandle>,
         size: u64,
-    ) -> Result<(), Errno> {
+    ) -> Result<Ticket, Errno> {
         let file = fh.and_then(|fh| self.handle_file(fh).ok());
-        let engine = self.engine.clone();
-        let op_path = path.to_vec();
+        let local = || match &file {
+            Some(file) => rustix::fs::ftruncate(file.as_fd(), size).map_err(errno_of_rustix),
+            None => self
+                .engine
+                .tree
+                .apply(
+                    &Op::Truncate {
+                        path: path.to_vec(),
+                        size,
+                    },
+                    &[],
+                )
+                .map_err(errno_of),
+        };
+        if self.engine.not_replicated(path) {
+            return local().map(|()| Ticket::Now);
+        }
         // Every zone between the old and the new size changes: cut away, or zeros
         // where SECOND's copy may still hold bytes from before an earlier cut. A
         // change racing this one marks what it touches itself.
         let old_size = self.current_size(path, file.as_deref()).unwrap_or(size);
-        let touch = Touch::path(path).and_between(path, old_size, size, engine.config.zone_size);
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.change(
-            path,
-            touch,
-            None,
-            move || {
-                match file {
-                    Some(file) => rustix::fs::ftruncate(file.as_fd(), size)
-                        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?,
-                    None => engine.tree.apply(
-                        &Op::Truncate {
-                            path: op_path.clone(),
-                            size,
-                        },
-                        &[],
-                    )?,
-                }
-                Ok((
-                    Op::Truncate {
-                        path: op_path,
-                        size,
-                    },
-                    Vec::new(),
-                    (),
-                ))
-            },
-            move |result| {
-                let _ = tx.send(result);
-            },
-        );
-        // Without an acknowledgement level `change` answers before it returns.
-        rx.recv().unwrap_or(Ok(()))
+        let touch =
+            Touch::path(path).and_between(path, old_size, size, self.engine.config.zone_size);
+        let change = self.engine.begin(touch).map_err(Errno::from_i32)?;
+        local()?;
+        let op = Op::Truncate {
+            path: path.to_vec(),
+            size,
+        };
+        Ok(change.commit(op, &[]))
     }
 
     /// The size of `path` now, through its open handle when there is one.

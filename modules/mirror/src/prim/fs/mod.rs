@@ -298,14 +298,16 @@ impl Filesystem for MirrorFs {
             Ok(path) => path,
             Err(e) => return reply.error(e),
         };
-        if let Some(size) = size {
-            if let Err(e) = self
+        let truncated = match size {
+            Some(size) => match self
                 .drop_set_id_unless_privileged(req, &path)
                 .and_then(|()| self.truncate(&path, fh, size))
             {
-                return reply.error(e);
-            }
-        }
+                Ok(ticket) => Some(ticket),
+                Err(e) => return reply.error(e),
+            },
+            None => None,
+        };
         let changed =
             mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
         let attrs = Op::SetAttr {
@@ -316,7 +318,7 @@ impl Filesystem for MirrorFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        self.set_attributes(ino, path, changed.then_some(attrs), reply);
+        self.set_attributes(ino, path, truncated, changed.then_some(attrs), reply);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
