@@ -213,6 +213,16 @@ impl Op {
 /// transport's frame limit.
 pub const ANSWER_BUDGET: usize = 8 << 20;
 
+/// At least as many bytes as `marks` take in a frame (bincode's variable-length
+/// integers: at most 10 bytes for a length or a zone number).
+pub fn encoded_size_bound(marks: &Marks) -> usize {
+    let zones: usize = (marks.zones.iter())
+        .map(|(path, zones)| path.len() + 20 + 10 * zones.len())
+        .sum();
+    let paths: usize = marks.paths.iter().map(|path| path.len() + 10).sum();
+    20 + zones + paths
+}
+
 /// A question PRIM asks SECOND during reintegration; answered in order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -405,6 +415,25 @@ mod tests {
         let (decoded, data_at) = decode::<Down>(&frame).unwrap();
         assert_eq!(decoded, message);
         assert_eq!(&frame[data_at..], b"bytes");
+    }
+
+    #[test]
+    fn the_size_bound_of_marks_is_never_below_their_encoding() {
+        let mut marks = Marks::default();
+        assert!(encoded_size_bound(&marks) >= encode(&marks, &[]).len());
+        for i in 0..300u64 {
+            marks.add_zone(format!("dir/file{i}").as_bytes(), i * i * 1_000_003);
+            marks.add_zone(b"big", u64::MAX - i);
+            marks.add_path(format!("entry-{i}-{}", "x".repeat(i as usize)).as_bytes());
+        }
+        let welcome = Up::Welcome {
+            sync_point: Some(SyncPoint {
+                id: u128::MAX,
+                epoch: u64::MAX,
+            }),
+            overwrite: marks.clone(),
+        };
+        assert!(encoded_size_bound(&marks) >= encode(&welcome, &[]).len());
     }
 
     #[test]

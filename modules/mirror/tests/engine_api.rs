@@ -18,7 +18,9 @@ async fn a_new_epoch_ends_the_session_and_the_next_one_carries_it() {
     let mut pair = Pair::in_step(AckMode::Write).await;
     pair.prim.as_ref().unwrap().set_epoch(7);
     let Event::PeerLost { session: lost, .. } = pair
-        .wait_event(Duration::from_secs(5), |e| matches!(e, Event::PeerLost { .. }))
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, Event::PeerLost { .. })
+        })
         .await
     else {
         unreachable!()
@@ -53,18 +55,29 @@ async fn a_prim_whose_second_never_comes_waits_for_the_decision_to_go_alone() {
         move || std::fs::write(a.join("f"), b"written before any SECOND")
     });
     let Event::PeerAbsent { session } = pair
-        .wait_event(Duration::from_secs(10), |e| matches!(e, Event::PeerAbsent { .. }))
+        .wait_event(Duration::from_secs(10), |e| {
+            matches!(e, Event::PeerAbsent { .. })
+        })
         .await
     else {
         unreachable!()
     };
     // The write waits: nothing decided that SECOND may be left behind.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!writer.is_finished(), "a write returned with no SECOND and no decision");
+    assert!(
+        !writer.is_finished(),
+        "a write returned with no SECOND and no decision"
+    );
     let prim = pair.prim.as_ref().unwrap();
     let status = prim.status();
-    assert!(status.parked >= 1 && status.oldest_parked_ms.is_some(), "{status:?}");
-    assert!(prim.go_alone(session + 1).is_err(), "a loss that never happened");
+    assert!(
+        status.parked >= 1 && status.oldest_parked_ms.is_some(),
+        "{status:?}"
+    );
+    assert!(
+        prim.go_alone(session + 1).is_err(),
+        "a loss that never happened"
+    );
     prim.go_alone(session).unwrap();
     blocking(move || writer.join().unwrap()).await.unwrap();
     assert_eq!(prim.status().phase, Phase::Alone);
@@ -155,7 +168,9 @@ async fn a_reintegration_that_cannot_list_second_reports_it_and_the_next_session
     assert!(reason.contains("SECOND"), "{reason}");
     let status = pair.prim.as_ref().unwrap().status();
     assert!(status.connected, "the session ended: {status:?}");
-    assert!(status.last_error.is_some_and(|e| e.contains("reintegration")));
+    assert!(status
+        .last_error
+        .is_some_and(|e| e.contains("reintegration")));
 
     // The operator removes the dead mount; SECOND restarts; the next session repairs.
     drop(pair.second.take());

@@ -82,3 +82,58 @@ async fn a_full_sync_of_more_than_a_million_entries_completes() {
     .await;
     assert_eq!(listed, entries);
 }
+
+/// A node back as SECOND with more marks of its own than one frame holds (it changed
+/// a million entries alone): its Welcome would be over the frame limit, so it asks for a
+/// full reintegration instead, which repairs what it changed and clears the marks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_with_more_marks_than_a_frame_holds_is_reintegrated_whole() {
+    use rampart_storage::{MarkKind, Marks, ReplicationBook};
+    let mut pair = Pair::in_step(AckMode::Write).await;
+    let (a, b) = (pair.dir("a"), pair.dir("b"));
+    blocking({
+        let a = a.clone();
+        move || std::fs::write(a.join("f"), vec![1u8; 300_000]).unwrap()
+    })
+    .await;
+    converge(&a, &b, Duration::from_secs(10)).await;
+    let addr = pair.second.as_ref().unwrap().addr();
+    drop(pair.second.take());
+    // What b changed on its own, as if it had been PRIM since: a zone of f, and a
+    // million names (long ones: well over the 64 MiB frame limit together).
+    std::fs::write(b.join("f"), vec![2u8; 300_000]).unwrap();
+    {
+        let book = ReplicationBook::open(&pair.dir("b.book")).unwrap();
+        let mut marks = Marks::default();
+        marks.add_zone(b"f", 0);
+        for i in 0..1_100_000 {
+            marks.add_path(format!("gone/{i:07}{NAME_PADDING}").as_bytes());
+        }
+        assert!(rampart_mirror::protocol::encoded_size_bound(&marks) > 64 << 20);
+        book.add(MarkKind::Dirty, &marks).unwrap();
+    }
+    pair.start_second("b", &addr.to_string());
+    let event = pair
+        .wait_event(Duration::from_secs(120), |e| {
+            matches!(e, Event::Synced { .. } | Event::ResyncFailed { .. })
+        })
+        .await;
+    assert!(matches!(event, Event::Synced { .. }), "{event:?}");
+    assert_same_trees(&a, &b);
+    // Cleared once SECOND holds the sync point durably (just after PRIM hears so).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let marks = pair
+            .second
+            .as_ref()
+            .unwrap()
+            .book()
+            .marks(MarkKind::Dirty)
+            .unwrap();
+        if marks.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b's own marks are still there");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -299,6 +299,28 @@ impl ReplicationBook {
         Ok(marks)
     }
 
+    /// The marks of `kind`, unless their keys take more than `budget` bytes: then
+    /// `None`, having read only about that much (a book can hold millions).
+    pub fn marks_within(&self, kind: MarkKind, budget: usize) -> Result<Option<Marks>, BookError> {
+        let mut marks = Marks::default();
+        let mut used = 0;
+        for item in self
+            .db
+            .iterator_cf(cf(&self.db, kind.family()), IteratorMode::Start)
+        {
+            let (key, _) = item?;
+            used += key.len();
+            if used > budget {
+                return Ok(None);
+            }
+            match split_key(&key)? {
+                (path, Some(zone)) => marks.add_zone(&path, zone),
+                (path, None) => marks.add_path(&path),
+            }
+        }
+        Ok(Some(marks))
+    }
+
     /// Moves every intent into the dirty set (the peer stopped acknowledging: what was
     /// in flight may never have reached it). On disk when this returns.
     pub fn intents_to_dirty(&self) -> Result<Marks, BookError> {

@@ -184,3 +184,17 @@ fn synced_writes_are_counted_and_clears_are_not() {
         .unwrap();
     assert_eq!(book.wal_syncs() - before, 3);
 }
+
+#[test]
+fn marks_over_a_budget_are_not_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let book = ReplicationBook::open(dir.path()).unwrap();
+    let all = marks(&[("f", 1), ("f", 2)], &["a", "b", "c"]);
+    book.add(MarkKind::Dirty, &all).unwrap();
+    assert_eq!(book.marks_within(MarkKind::Dirty, 1000).unwrap(), Some(all));
+    assert_eq!(book.marks_within(MarkKind::Dirty, 10).unwrap(), None);
+    assert_eq!(
+        book.marks_within(MarkKind::Intent, 0).unwrap(),
+        Some(Marks::default())
+    );
+}

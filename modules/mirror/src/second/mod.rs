@@ -330,12 +330,7 @@ async fn session(shared: &Arc<Shared>, channel: SecureChannel) -> Result<(), Mir
     // Silent for twice PRIM's link timeout (it pings every quarter of it): gone.
     let silent_after = Duration::from_millis(link_timeout_ms.max(250) * 2);
     remove_damaged(shared);
-    let mut overwrite = shared.book.marks(MarkKind::Intent)?;
-    overwrite.extend(&shared.book.marks(MarkKind::Dirty)?);
-    let welcome = Up::Welcome {
-        sync_point: shared.book.sync_point()?,
-        overwrite,
-    };
+    let welcome = welcome(&shared.book)?;
     writer.send(protocol::encode(&welcome, &[])).await?;
     {
         let mut status = shared.status.lock().expect("status lock");
@@ -600,6 +595,34 @@ impl Watermarks {
             self.received.load(Ordering::SeqCst),
             self.durable.load(Ordering::SeqCst),
         )
+    }
+}
+
+/// The answer to a Hello: this copy's sync point and its own marks (what it changed
+/// as PRIM that its peer may lack). Marks too many for one frame (a node that changed
+/// millions of entries alone) are not sent: without a sync point PRIM compares both
+/// trees whole, which covers them, and the sync point that ends it clears them here.
+fn welcome(book: &ReplicationBook) -> Result<Up, MirrorError> {
+    let budget = protocol::ANSWER_BUDGET;
+    let mut overwrite = book.marks_within(MarkKind::Intent, budget)?;
+    if let Some(marks) = &mut overwrite {
+        match book.marks_within(MarkKind::Dirty, budget)? {
+            Some(dirty) => marks.extend(&dirty),
+            None => overwrite = None,
+        }
+    }
+    match overwrite.filter(|marks| protocol::encoded_size_bound(marks) <= budget) {
+        Some(overwrite) => Ok(Up::Welcome {
+            sync_point: book.sync_point()?,
+            overwrite,
+        }),
+        None => {
+            tracing::warn!("too many marks of our own to send: asking for a full reintegration");
+            Ok(Up::Welcome {
+                sync_point: None,
+                overwrite: Marks::default(),
+            })
+        }
     }
 }
 
