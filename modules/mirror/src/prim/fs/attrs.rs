@@ -1,17 +1,20 @@
 //! Attributes: conversions between the real tree's stat and FUSE's, setattr and the
 //! extended attribute changes.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyAttr, ReplyEmpty, Request, TimeOrNow};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, INodeNo, ReplyAttr, ReplyEmpty, ReplyXattr, Request,
+    TimeOrNow,
+};
 
 use super::inodes::Node;
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Ticket, Touch};
 use crate::protocol::{Kind, Op, RelPath, SetTime, Time};
-use crate::tree::kind_of;
+use crate::tree::{kind_of, set_attr_on};
 
 /// Every write drops a file's capabilities, as on any file system; the kernel asks for
 /// this attribute after each refresh of an inode's attributes, and
@@ -81,6 +84,116 @@ pub(super) fn set_time(time: Option<TimeOrNow>) -> Option<SetTime> {
             SetTime::At(Time { secs, nanos })
         }
     })
+}
+
+/// Answers a read of extended attributes: the size alone when the caller asked for 0
+/// bytes, `ERANGE` when it does not fit in `size`.
+pub(super) fn reply_sized(value: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
+    match value {
+        Ok(value) if size == 0 => reply.size(value.len() as u32),
+        Ok(value) if value.len() <= size as usize => reply.data(&value),
+        Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// What a setattr asks to change.
+pub(super) struct Requested {
+    pub(super) mode: Option<u32>,
+    pub(super) uid: Option<u32>,
+    pub(super) gid: Option<u32>,
+    pub(super) size: Option<u64>,
+    pub(super) atime: Option<TimeOrNow>,
+    pub(super) mtime: Option<TimeOrNow>,
+}
+
+impl MirrorFs {
+    /// getattr: through the open handle when the kernel sends one, else by path, else
+    /// through a handle of a file open after its last name went.
+    pub(super) fn get_attributes(&self, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _names = self.resolving();
+        let stat = match fh.map(|fh| self.handle_file(fh)) {
+            Some(Ok(file)) => rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix),
+            _ => match self.path(ino) {
+                Ok(path) => match self.engine.tree.stat(&path) {
+                    Ok(Some(stat)) => Ok(stat),
+                    Ok(None) => Err(Errno::ENOENT),
+                    Err(e) => Err(errno_of(e)),
+                },
+                // fstat of a file open after its last name went (the kernel sends no
+                // handle with it).
+                Err(e) => match self.unlinked_file(ino) {
+                    Some(file) => rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix),
+                    None => Err(e),
+                },
+            },
+        };
+        match stat {
+            Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// setattr: a size change first (a change of its own), then the other attributes.
+    pub(super) fn change_attributes(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        requested: Requested,
+        fh: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        let Requested {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } = requested;
+        let _names = self.changing();
+        if let Some(file) = self.unlinked_file(ino) {
+            // No name on SECOND either: changed here only.
+            let changed = size
+                .map_or(Ok(()), |size| rustix::fs::ftruncate(file.as_fd(), size))
+                .map_err(errno_of_rustix)
+                .and_then(|()| {
+                    let (atime, mtime) = (set_time(atime), set_time(mtime));
+                    let perm = mode.map(|m| m & 0o7777);
+                    set_attr_on(file.as_fd(), perm, uid, gid, atime, mtime).map_err(errno_of)
+                })
+                .and_then(|()| rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix));
+            return match changed {
+                Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
+                Err(e) => reply.error(e),
+            };
+        }
+        let path = match self.changeable_path(ino) {
+            Ok(path) => path,
+            Err(e) => return reply.error(e),
+        };
+        let truncated = match size {
+            Some(size) => match self
+                .drop_set_id_unless_privileged(req, &path)
+                .and_then(|()| self.truncate(&path, fh, size))
+            {
+                Ok(ticket) => Some(ticket),
+                Err(e) => return reply.error(e),
+            },
+            None => None,
+        };
+        let changed =
+            mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
+        let attrs = Op::SetAttr {
+            path: path.clone(),
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        self.set_attributes(ino, path, truncated, changed.then_some(attrs), reply);
+    }
 }
 
 impl MirrorFs {

@@ -38,8 +38,8 @@ use fuser::{
 
 use crate::prim::engine::{Engine, Level, Touch};
 use crate::protocol::{Kind, Op, RelPath};
-use crate::tree::{join, read_at, set_attr_on};
-use attrs::{attr_of, errno_of, errno_of_rustix, set_time};
+use crate::tree::{join, read_at};
+use attrs::{attr_of, errno_of, errno_of_rustix, reply_sized, Requested};
 use data::Syncers;
 use handles::{DirHandle, Handle};
 use inodes::Inodes;
@@ -236,27 +236,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _names = self.resolving();
-        let stat = match fh.map(|fh| self.handle_file(fh)) {
-            Some(Ok(file)) => rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix),
-            _ => match self.path(ino) {
-                Ok(path) => match self.engine.tree.stat(&path) {
-                    Ok(Some(stat)) => Ok(stat),
-                    Ok(None) => Err(Errno::ENOENT),
-                    Err(e) => Err(errno_of(e)),
-                },
-                // fstat of a file open after its last name went (the kernel sends no
-                // handle with it).
-                Err(e) => match self.unlinked_file(ino) {
-                    Some(file) => rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix),
-                    None => Err(e),
-                },
-            },
-        };
-        match stat {
-            Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
-            Err(e) => reply.error(e),
-        }
+        self.get_attributes(ino, fh, reply)
     }
 
     fn setattr(
@@ -277,48 +257,15 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _names = self.changing();
-        if let Some(file) = self.unlinked_file(ino) {
-            // No name on SECOND either: changed here only.
-            let changed = size
-                .map_or(Ok(()), |size| rustix::fs::ftruncate(file.as_fd(), size))
-                .map_err(errno_of_rustix)
-                .and_then(|()| {
-                    let (atime, mtime) = (set_time(atime), set_time(mtime));
-                    let perm = mode.map(|m| m & 0o7777);
-                    set_attr_on(file.as_fd(), perm, uid, gid, atime, mtime).map_err(errno_of)
-                })
-                .and_then(|()| rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix));
-            return match changed {
-                Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
-                Err(e) => reply.error(e),
-            };
-        }
-        let path = match self.changeable_path(ino) {
-            Ok(path) => path,
-            Err(e) => return reply.error(e),
-        };
-        let truncated = match size {
-            Some(size) => match self
-                .drop_set_id_unless_privileged(req, &path)
-                .and_then(|()| self.truncate(&path, fh, size))
-            {
-                Ok(ticket) => Some(ticket),
-                Err(e) => return reply.error(e),
-            },
-            None => None,
-        };
-        let changed =
-            mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
-        let attrs = Op::SetAttr {
-            path: path.clone(),
-            perm: mode.map(|m| m & 0o7777),
+        let requested = Requested {
+            mode,
             uid,
             gid,
-            atime: set_time(atime),
-            mtime: set_time(mtime),
+            size,
+            atime,
+            mtime,
         };
-        self.set_attributes(ino, path, truncated, changed.then_some(attrs), reply);
+        self.change_attributes(req, ino, requested, fh, reply)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -581,25 +528,14 @@ impl Filesystem for MirrorFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _names = self.resolving();
-        match self.get_xattr(ino, name.as_bytes()) {
-            Ok(value) if size == 0 => reply.size(value.len() as u32),
-            Ok(value) if value.len() <= size as usize => reply.data(&value),
-            Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
-            Err(e) => reply.error(e),
-        }
+        reply_sized(self.get_xattr(ino, name.as_bytes()), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _names = self.resolving();
-        match self
-            .path(ino)
-            .and_then(|p| self.engine.tree.list_xattr(&p).map_err(errno_of))
-        {
-            Ok(names) if size == 0 => reply.size(names.len() as u32),
-            Ok(names) if names.len() <= size as usize => reply.data(&names),
-            Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
-            Err(e) => reply.error(e),
-        }
+        let names =
+            (self.path(ino)).and_then(|p| self.engine.tree.list_xattr(&p).map_err(errno_of));
+        reply_sized(names, size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
