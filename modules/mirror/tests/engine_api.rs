@@ -184,3 +184,59 @@ async fn a_reintegration_that_cannot_list_second_reports_it_and_the_next_session
     assert!(next > session);
     assert_same_trees(&pair.dir("a"), &pair.dir("b"));
 }
+
+/// A write parked before SECOND came (no decision to go on alone) waits for the
+/// reintegration that repairs it. When that reintegration cannot finish, and the session
+/// stays up, the write still fails after the park timeout instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_parked_across_a_reintegration_that_cannot_finish_fails_in_time() {
+    struct Test {
+        pair: Pair,
+        dead: Option<DeadMount>,
+    }
+    let mut test = Test {
+        pair: Pair::new(AckMode::Write),
+        dead: None,
+    };
+    test.dead = Some(DeadMount::at(
+        &test.pair.dir("b").join("broken"),
+        &test.pair.root.path().join("bindfs-source"),
+    ));
+    let pair = &mut test.pair;
+    let addr = unused_address();
+    let mut config = pair.prim_config("a", addr, 1);
+    config.continue_alone = false;
+    config.park_timeout = Duration::from_secs(4);
+    pair.start_prim(config);
+    let started = Instant::now();
+    let writer = std::thread::spawn({
+        let a = pair.dir("a");
+        move || {
+            let result = std::fs::write(a.join("f"), b"parked");
+            (result, Instant::now())
+        }
+    });
+    pair.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, Event::PeerAbsent { .. })
+    })
+    .await;
+    pair.start_second("b", &addr.to_string());
+    pair.wait_event(Duration::from_secs(20), |e| {
+        matches!(e, Event::ResyncFailed { .. })
+    })
+    .await;
+    let (result, returned) = blocking(move || writer.join().unwrap()).await;
+    let error = result.expect_err("acknowledged without SECOND holding it");
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    let status = pair.prim.as_ref().unwrap().status();
+    assert!(
+        status.connected,
+        "the session ended, which expires parked writes anyway"
+    );
+    // The park timeout and a watchdog period or two, generously.
+    assert!(
+        returned - started < Duration::from_secs(20),
+        "{:?}",
+        returned - started
+    );
+}

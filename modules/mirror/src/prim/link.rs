@@ -224,6 +224,9 @@ async fn connect(engine: &Arc<Engine>) -> Result<(), String> {
                         }
                     }
                 }
+                // Parked writes stay bounded during a session too: one whose
+                // reintegration is long, or stopped (ResyncFailed), releases none.
+                engine.expire_parked();
                 if engine.silent_too_long(session) {
                     let timeout = engine.config.link_timeout;
                     engine.stall(session, format!("no answer from the peer for {timeout:?}"));

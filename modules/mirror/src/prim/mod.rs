@@ -60,7 +60,8 @@ pub struct PrimConfig {
     /// Serve read-only opens through FUSE passthrough when the kernel allows it.
     pub passthrough: bool,
     /// An application call waiting for a decision about a lost peer (continue alone
-    /// or stop) fails with `EIO` after this long.
+    /// or stop), or for the reintegration that repairs what it changed, fails with
+    /// `EIO` after this long.
     pub park_timeout: Duration,
     /// Threads that take requests from the kernel and answer them, each on its own
     /// clone of the FUSE connection: reads, lookups and attribute requests run beside
