@@ -422,7 +422,7 @@ fn lookups_and_reads_answer_while_a_writer_waits_for_the_send_window() {
 
     let setup = Setup::new();
     let port = free_port();
-    let second = setup.second("b", port, 0);
+    let mut second = setup.second("b", port, 0);
     let extra = [
         "--peer".to_string(),
         format!("127.0.0.1:{port}"),
@@ -506,6 +506,85 @@ fn lookups_and_reads_answer_while_a_writer_waits_for_the_send_window() {
     );
     drop((reader, _writer_side));
     prim.terminate();
+    // The close waited for SECOND to receive everything, not to apply it: SECOND's stop
+    // applies what it received.
+    second.terminate();
     let (same, report) = setup.verify();
     assert!(same, "SECOND's copy differs:\n{report}");
+}
+
+/// An application that outlives a killed PRIM keeps writing by path while PRIM
+/// restarts. The restarted PRIM serves the directory from beneath the dead mount and
+/// mounts over it, so every write fails (ENOTCONN) or goes through the new mount: none
+/// lands in the bare directory, where no mark would record it and SECOND would never
+/// get it. Each write goes to a zone of its own, of a file whose earlier marks were
+/// cleared, so that no other mark covers it by chance.
+#[test]
+fn a_prim_restarted_under_a_running_application_lets_no_write_past_replication() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const ZONE: u64 = 65536;
+    const ZONES: u64 = 16384;
+    let setup = Setup::new();
+    let port = free_port();
+    let mut second = setup.second("b", port, 0);
+    let mut prim = setup.prim("a", port, 1);
+    prim.wait_for("synced", Duration::from_secs(30));
+    let big = setup.path("a").join("big");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(ZONE * ZONES)
+        .unwrap();
+    // PRIM clears settled intents once they are 5 s old.
+    std::thread::sleep(Duration::from_secs(7));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // The next zone only once a write returned; bounded by the stop and the
+            // file's zones.
+            let mut returned = Vec::new();
+            let mut n = 0;
+            while n < ZONES && !stop.load(Ordering::SeqCst) {
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&big)
+                    .and_then(|f| f.write_all_at(&(n + 1).to_le_bytes(), n * ZONE));
+                if written.is_ok() {
+                    returned.push(n);
+                    n += 1;
+                }
+            }
+            returned
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    prim.crash();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut prim = setup.prim("a", port, 1);
+    prim.wait_for("synced", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let returned = writer.join().unwrap();
+    prim.terminate();
+    second.terminate();
+    let copy = std::fs::File::open(setup.path("b").join("big")).unwrap();
+    let missing: Vec<u64> = (returned.iter())
+        .filter(|&&n| {
+            let mut held = [0u8; 8];
+            copy.read_exact_at(&mut held, n * ZONE).unwrap();
+            held != (n + 1).to_le_bytes()
+        })
+        .copied()
+        .collect();
+    assert!(returned.len() > 100, "{} writes returned", returned.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {} writes that returned are not on SECOND: zones {:?}",
+        missing.len(),
+        returned.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let (same, report) = setup.verify();
+    assert!(same, "copies differ:\n{report}");
 }

@@ -3,9 +3,11 @@
 //! A PRIM killed -9 leaves its FUSE mount (dead: every access fails with `ENOTCONN`); a
 //! SECOND killed -9 leaves its read-only bind of the directory over itself. A role that
 //! started on top of either would reach its files through it: PRIM could not open its
-//! tree, and SECOND would fail every apply with `EROFS`. Each role therefore removes
-//! them before it opens its tree, and only them: a mount the operator put at the
-//! directory (a file system of its own) is never touched.
+//! tree, and SECOND would fail every apply with `EROFS`. SECOND therefore removes them
+//! before it opens its tree; PRIM opens its tree beneath them and mounts over them, and
+//! removes them once its own mount is gone, so that the bare directory is never shown
+//! while an application may still write to it. Only leftovers are touched: a mount the
+//! operator put at the directory (a file system of its own) never is.
 //!
 //! Callers open the replication book first: its lock proves that no live role of this
 //! node serves the directory, so whatever a role mounted there is a leftover.
@@ -45,6 +47,68 @@ struct MountEntry {
 pub(crate) fn open_tree_for_role(dir: &Path) -> Result<Tree, MirrorError> {
     remove_leftover_mounts(dir).map_err(MirrorError::io("remove what a previous run mounted"))?;
     let tree = Tree::open(dir).map_err(MirrorError::io("open the replicated dir"))?;
+    writable(tree, dir)
+}
+
+/// Opens the tree at `dir` for PRIM, which mounts its interception over it: from
+/// beneath what a predecessor left there, which stays until this PRIM's own mount is
+/// gone ([`remove_leftover_mounts`] at its stop). Removing it first would show the bare
+/// directory to applications until the new mount is up (an application that survived
+/// the killed PRIM, writing by path): writes no mark records, SECOND never gets, and a
+/// reintegration never looks at. A dead mount fails every access instead.
+///
+/// When the directory is itself a mount point (the operator's own file system) under
+/// the leftovers, nothing can reach it past them: they are removed first, as for
+/// SECOND, and the moment in between is logged.
+pub(crate) fn open_tree_beneath_leftovers(dir: &Path) -> Result<Tree, MirrorError> {
+    let at =
+        absolute_without_following(dir).map_err(MirrorError::io("resolve the replicated dir"))?;
+    let entries = mount_table().map_err(MirrorError::io("read the mount table"))?;
+    let (stack, beneath) = leftover_stack(&entries, &at);
+    let (Some(beneath), false) = (beneath, stack.is_empty()) else {
+        return open_tree_for_role(dir);
+    };
+    let Ok(relative) = at.strip_prefix(&beneath.mount_point) else {
+        return open_tree_for_role(dir);
+    };
+    if relative.as_os_str().is_empty() {
+        tracing::warn!(
+            dir = %at.display(),
+            "the replicated dir is a mount point under what a previous run left: removing \
+             that first; until the interception is mounted the bare directory is exposed"
+        );
+        return open_tree_for_role(dir);
+    }
+    use rustix::fs::{Mode, OFlags, CWD};
+    use rustix::mount::{open_tree, OpenTreeFlags};
+    let io = |e: rustix::io::Errno| io::Error::from_raw_os_error(e.raw_os_error());
+    // A copy of the file system the directory is in, without the mounts on it.
+    let clone = open_tree(
+        CWD,
+        &beneath.mount_point,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(io)
+    .map_err(MirrorError::io(
+        "reach the replicated dir beneath a previous run's mounts",
+    ))?;
+    let root = rustix::fs::openat(
+        &clone,
+        relative,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)
+    .map_err(MirrorError::io("open the replicated dir"))?;
+    tracing::warn!(
+        dir = %at.display(),
+        mounts = stack.len(),
+        "serving the dir from beneath what a previous run left; removed at this PRIM's stop"
+    );
+    writable(Tree::from_root(root), dir)
+}
+
+fn writable(tree: Tree, dir: &Path) -> Result<Tree, MirrorError> {
     let read_only = tree
         .read_only()
         .map_err(MirrorError::io("read the replicated dir's mount flags"))?;
@@ -57,14 +121,18 @@ pub(crate) fn open_tree_for_role(dir: &Path) -> Result<Tree, MirrorError> {
     Ok(tree)
 }
 
+fn mount_table() -> io::Result<Vec<MountEntry>> {
+    let table = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo")?).into_owned();
+    Ok(table.lines().filter_map(parse_line).collect())
+}
+
 /// Removes the mounts a killed PRIM or SECOND left at `dir`, topmost first, logging
 /// each. Stops at the first mount that is not one of them.
-fn remove_leftover_mounts(dir: &Path) -> io::Result<()> {
+pub(crate) fn remove_leftover_mounts(dir: &Path) -> io::Result<()> {
     let dir = absolute_without_following(dir)?;
     // Each round removes one; a bound in case the table does not change under us.
     for _ in 0..16 {
-        let table = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo")?).into_owned();
-        let entries: Vec<MountEntry> = table.lines().filter_map(parse_line).collect();
+        let entries = mount_table()?;
         let Some(what) = leftover_on_top(&entries, &dir) else {
             return Ok(());
         };
@@ -98,19 +166,49 @@ fn absolute_without_following(dir: &Path) -> io::Result<PathBuf> {
 
 /// What the topmost mount at `dir` is, when it is a leftover of ours.
 fn leftover_on_top(entries: &[MountEntry], dir: &Path) -> Option<String> {
+    let (stack, _) = leftover_stack(entries, dir);
+    let top = stack.first()?;
+    Some(leftover_kind(entries, top, dir)?.into())
+}
+
+/// The leftovers of ours stacked at `dir`, topmost first, and the mount beneath the
+/// lowest of them (the one that holds the directory, or the operator's mount at it).
+fn leftover_stack<'a>(
+    entries: &'a [MountEntry],
+    dir: &Path,
+) -> (Vec<&'a MountEntry>, Option<&'a MountEntry>) {
     let at: Vec<&MountEntry> = entries.iter().filter(|e| e.mount_point == dir).collect();
     // Mounts stacked at one point: each later one's parent is the one it covers.
-    let top = at
+    let Some(mut top) = at
         .iter()
-        .find(|e| !at.iter().any(|other| other.parent == e.id))?;
-    let fuse = top.fs_type == "fuse" || top.fs_type == format!("fuse.{FUSE_SUBTYPE}");
-    if fuse && top.source == FUSE_SOURCE {
-        return Some("the interception mount".into());
+        .copied()
+        .find(|e| !at.iter().any(|other| other.parent == e.id))
+    else {
+        return (Vec::new(), None);
+    };
+    let mut stack = Vec::new();
+    loop {
+        if top.mount_point != dir || leftover_kind(entries, top, dir).is_none() {
+            return (stack, Some(top));
+        }
+        stack.push(top);
+        match entries.iter().find(|e| e.id == top.parent) {
+            Some(below) => top = below,
+            None => return (stack, None),
+        }
     }
-    let below = entries.iter().find(|e| e.id == top.parent)?;
+}
+
+/// Which leftover of ours `mount` (at `dir`) is, if it is one.
+fn leftover_kind(entries: &[MountEntry], mount: &MountEntry, dir: &Path) -> Option<&'static str> {
+    let fuse = mount.fs_type == "fuse" || mount.fs_type == format!("fuse.{FUSE_SUBTYPE}");
+    if fuse && mount.source == FUSE_SOURCE {
+        return Some("the interception mount");
+    }
+    let below = entries.iter().find(|e| e.id == mount.parent)?;
     let relative = dir.strip_prefix(&below.mount_point).ok()?;
-    let bind_of_itself = top.device == below.device && top.root == below.root.join(relative);
-    (bind_of_itself && top.read_only).then(|| "the read-only bind mount".into())
+    let bind_of_itself = mount.device == below.device && mount.root == below.root.join(relative);
+    (bind_of_itself && mount.read_only).then_some("the read-only bind mount")
 }
 
 /// Parses one line: `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw`.
@@ -226,6 +324,23 @@ mod tests {
         assert_eq!(leftover_on_top(&entries, Path::new("/srv/moved")), None);
         assert_eq!(leftover_on_top(&entries, Path::new("/srv")), None);
         assert_eq!(leftover_on_top(&entries, Path::new("/srv/nothing")), None);
+    }
+
+    #[test]
+    fn finds_what_lies_beneath_the_leftovers() {
+        let mut entries = table();
+        let ids = |dir: &str, entries: &[MountEntry]| {
+            let (stack, beneath) = leftover_stack(entries, Path::new(dir));
+            let stack: Vec<u64> = stack.iter().map(|e| e.id).collect();
+            (stack, beneath.map(|e| e.id))
+        };
+        assert_eq!(ids("/srv/data/my dir", &entries), (vec![44, 40], Some(30)));
+        assert_eq!(ids("/srv/pg", &entries), (vec![41], Some(30)));
+        assert_eq!(ids("/srv/own", &entries), (vec![], Some(42)));
+        assert_eq!(ids("/srv/nothing", &entries), (vec![], None));
+        // A dead interception mount over the operator's own file system at the dir.
+        entries.push(parse_line("46 42 0:54 / /srv/own rw - fuse rampart-mirror rw").unwrap());
+        assert_eq!(ids("/srv/own", &entries), (vec![46], Some(42)));
     }
 
     #[test]

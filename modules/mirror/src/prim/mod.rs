@@ -9,6 +9,7 @@
 pub mod engine;
 mod fs;
 mod link;
+mod mount;
 pub mod resync;
 
 use std::path::PathBuf;
@@ -170,36 +171,6 @@ pub enum Event {
 /// before it aborts the FUSE connection.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
-/// The FUSE control file system, where each connection can be aborted.
-const FUSECTL: &str = "/sys/fs/fuse/connections";
-
-/// The number of the FUSE connection mounted at `dir` (its device number, as the
-/// kernel writes it in the control file system).
-fn fuse_connection(dir: &std::path::Path) -> Option<u64> {
-    let dev = rustix::fs::stat(dir).ok()?.st_dev;
-    let (major, minor) = (rustix::fs::major(dev) as u64, rustix::fs::minor(dev) as u64);
-    Some((major << 20) | minor)
-}
-
-/// Aborts a FUSE connection: every pending and later access to its mount fails with
-/// `ENOTCONN` and the session ends. Mounts the control file system if it is not.
-fn abort_fuse_connection(connection: u64) -> std::io::Result<()> {
-    let abort = std::path::Path::new(FUSECTL)
-        .join(connection.to_string())
-        .join("abort");
-    if !abort.exists() {
-        rustix::mount::mount(
-            "fusectl",
-            FUSECTL,
-            "fusectl",
-            rustix::mount::MountFlags::empty(),
-            None,
-        )
-        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
-    }
-    std::fs::write(abort, "1")
-}
-
 /// Proof that a stopped PRIM closed its book.
 #[derive(Debug)]
 pub struct BookReleased {
@@ -225,27 +196,18 @@ impl Primary {
     ) -> Result<(Primary, amps::UnboundedReceiver<Event>), MirrorError> {
         // The book first: its lock proves no live PRIM serves this directory.
         let book = ReplicationBook::open(&config.book)?;
-        let tree = crate::leftovers::open_tree_for_role(&config.dir)?;
+        // Beneath what a killed predecessor left: the bare directory is never shown.
+        let tree = crate::leftovers::open_tree_beneath_leftovers(&config.dir)?;
         let (events_tx, events) = amps::unbounded_channel();
         let dir = config.dir.clone();
         let engine = Arc::new(engine::Engine::new(tree, book, config, events_tx)?);
-        let mut options = fuser::Config::default();
-        options.mount_options = vec![
-            fuser::MountOption::FSName(crate::leftovers::FUSE_SOURCE.into()),
-            fuser::MountOption::Subtype(crate::leftovers::FUSE_SUBTYPE.into()),
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::Suid,
-            fuser::MountOption::Dev,
-        ];
-        options.acl = fuser::SessionACL::All;
-        options.n_threads = Some(engine.config.dispatch_threads.max(1));
-        options.clone_fd = true;
         let fs = fs::MirrorFs::new(engine.clone());
         let notifier = fs.notifier_slot();
-        let session = fuser::spawn_mount(fs, &dir, &options)
+        let threads = engine.config.dispatch_threads.max(1);
+        let session = mount::mount_interception(fs, &dir, engine.tree.root(), threads)
             .map_err(MirrorError::io("mount the interception file system"))?;
         let _ = notifier.set(session.notifier());
-        let connection = fuse_connection(&dir);
+        let connection = mount::fuse_connection(&dir);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let link =
             crate::io_thread::IoThread::spawn("mirror-link", link::run(engine.clone(), stop_rx))
@@ -349,7 +311,7 @@ impl Primary {
             if !session.guard.is_finished() {
                 let aborted = connection
                     .ok_or_else(|| std::io::Error::other("its connection number is unknown"))
-                    .and_then(abort_fuse_connection);
+                    .and_then(mount::abort_fuse_connection);
                 match aborted {
                     Ok(()) => tracing::warn!(
                         dir = %self.dir.display(),
@@ -363,6 +325,10 @@ impl Primary {
                 }
             }
             let _ = session.join();
+            // What a killed predecessor left beneath the interception is on top now.
+            if let Err(e) = crate::leftovers::remove_leftover_mounts(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), "{e}");
+            }
         }
         // The copier and the aborted tasks hold the engine.
         crate::wait_for_sole_owner(&self.engine);

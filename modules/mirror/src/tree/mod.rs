@@ -189,6 +189,11 @@ impl Tree {
         Ok(Tree { root })
     }
 
+    /// The tree rooted at an open directory.
+    pub(crate) fn from_root(root: OwnedFd) -> Tree {
+        Tree { root }
+    }
+
     /// Whether the tree is on a read-only mount (nothing could be changed in it).
     pub fn read_only(&self) -> io::Result<bool> {
         let vfs = rfs::fstatvfs(&self.root).io()?;
