@@ -1,8 +1,9 @@
 //! Set workload on the mirror data plane: each client appends numbered records to a
 //! file of its own in PRIM's mount, each append `fdatasync`ed; an append is `ok` once
 //! the sync returned, `info` when anything failed (the bytes may or may not be there:
-//! a killed PRIM, a mount gone). After an `info` the client reopens its file under a
-//! new process number.
+//! a killed PRIM, a mount gone, a full disk). After an `info` the client reopens its
+//! file under a new process number and cuts it back to its length after the last `ok`
+//! (a short write before `ENOSPC` leaves part of a record).
 //!
 //! A copy is read back with [`read_copy`]: one element per line, anything else —
 //! zeros, a torn record, a stray byte — reported as unreadable.
@@ -38,6 +39,12 @@ impl AppendClient {
         let mut rng = StdRng::seed_from_u64(seed ^ self.id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let path = self.dir.join(format!("{FILE_PREFIX}{}", self.id));
         let mut file: Option<File> = None;
+        // The file's length after the last acknowledged append: a failed one may have
+        // left part of its record (a short write before ENOSPC), which the next append
+        // would otherwise extend into a record nobody wrote. Cut back before appending,
+        // as a log that writes at known offsets would.
+        let mut acknowledged_len: Option<u64> = None;
+        let mut failed = false;
         let (mut generation, mut count) = (0u64, 0u64);
         while Instant::now() < until {
             let process = self.id + self.clients * generation;
@@ -45,10 +52,13 @@ impl AppendClient {
             count += 1;
             self.history
                 .op(process, OpKind::Invoke, "add", "set", json!(element));
-            match append(&mut file, &path, element) {
-                Ok(()) => self
-                    .history
-                    .op(process, OpKind::Ok, "add", "set", json!(element)),
+            let cut = failed.then_some(acknowledged_len.unwrap_or(0));
+            match append(&mut file, &path, cut, element) {
+                Ok(len) => {
+                    (acknowledged_len, failed) = (Some(len), false);
+                    self.history
+                        .op(process, OpKind::Ok, "add", "set", json!(element))
+                }
                 Err(e) => {
                     self.history.op(
                         process,
@@ -58,6 +68,7 @@ impl AppendClient {
                         json!({ "element": element, "error": e.to_string() }),
                     );
                     file = None;
+                    failed = true;
                     generation += 1;
                     // A dead mount fails at once: do not spin on it.
                     std::thread::sleep(Duration::from_millis(100));
@@ -68,8 +79,14 @@ impl AppendClient {
     }
 }
 
-/// One record, `element` and a newline in a single write, then `fdatasync`.
-fn append(file: &mut Option<File>, path: &Path, element: u64) -> std::io::Result<()> {
+/// One record, `element` and a newline in a single write, then `fdatasync`; first the
+/// file is cut back to `cut` bytes when given. Returns the file's length after it.
+fn append(
+    file: &mut Option<File>,
+    path: &Path,
+    cut: Option<u64>,
+    element: u64,
+) -> std::io::Result<u64> {
     if file.is_none() {
         *file = Some(
             std::fs::OpenOptions::new()
@@ -79,8 +96,12 @@ fn append(file: &mut Option<File>, path: &Path, element: u64) -> std::io::Result
         );
     }
     let file = file.as_mut().expect("just opened");
+    if let Some(len) = cut {
+        file.set_len(len)?;
+    }
     file.write_all(format!("{element}\n").as_bytes())?;
-    file.sync_data()
+    file.sync_data()?;
+    Ok(file.metadata()?.len())
 }
 
 /// Every record of every client file in `dir`: `{"elements": [...], "unreadable": [...]}`.
