@@ -93,6 +93,38 @@ async fn the_mirror_data_plane_loses_no_acknowledged_append() {
     assert!(failures.is_empty(), "invalid verdicts: {failures:?}");
 }
 
+/// The other two acknowledgement modes, with full disks too. `write` (appends
+/// acknowledged once SECOND received them), seed 22: PRIM killed twice under its
+/// clients and restarted (the restart once showed the bare directory: appends landed
+/// beneath replication), both disks filled in turn. `durable`, seed 23: SECOND killed
+/// twice while appends stream (acknowledged ones on its disk, the others in flight),
+/// then paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_data_plane_loses_no_acknowledged_append_in_write_and_durable_modes() {
+    use NemesisKind::{DiskFull, Kill, LinkCut, Pause};
+    let runs = [
+        ("write", 22, vec![Kill, DiskFull]),
+        ("durable", 23, vec![Kill, LinkCut, Pause, DiskFull]),
+    ];
+    for (ack, seed, nemeses) in runs {
+        let config = |seed| RunConfig {
+            workload: "set".into(),
+            nemeses: nemeses.clone(),
+            time: Duration::from_secs(20),
+            seed,
+            servers: 2,
+            clients: 3,
+            ack: ack.into(),
+            out: std::env::temp_dir().join("rampart-jepsen-suite"),
+        };
+        let failures = invalid_runs(config, &[seed], "set", "acknowledged", 100).await;
+        assert!(
+            failures.is_empty(),
+            "{ack} mode: invalid verdicts: {failures:?}"
+        );
+    }
+}
+
 #[test]
 fn the_sweeper_removes_everything_a_killed_run_left() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rampart-jepsen"))
