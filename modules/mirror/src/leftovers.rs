@@ -58,8 +58,8 @@ pub(crate) fn open_tree_for_role(dir: &Path) -> Result<Tree, MirrorError> {
 /// reintegration never looks at. A dead mount fails every access instead.
 ///
 /// When the directory is itself a mount point (the operator's own file system) under
-/// the leftovers, nothing can reach it past them: they are removed first, as for
-/// SECOND, and the moment in between is logged.
+/// the leftovers, or holds one, nothing can reach it past them: they are removed first,
+/// as for SECOND, and the moment in between is logged.
 pub(crate) fn open_tree_beneath_leftovers(dir: &Path) -> Result<Tree, MirrorError> {
     let at =
         absolute_without_following(dir).map_err(MirrorError::io("resolve the replicated dir"))?;
@@ -71,11 +71,17 @@ pub(crate) fn open_tree_beneath_leftovers(dir: &Path) -> Result<Tree, MirrorErro
     let Ok(relative) = at.strip_prefix(&beneath.mount_point) else {
         return open_tree_for_role(dir);
     };
-    if relative.as_os_str().is_empty() {
+    // The copy below holds neither a file system mounted at the directory itself nor
+    // those mounted inside it; only removing the leftovers first shows them again.
+    let nested = entries
+        .iter()
+        .any(|e| e.mount_point != at && e.mount_point.starts_with(&at));
+    if relative.as_os_str().is_empty() || nested {
         tracing::warn!(
             dir = %at.display(),
-            "the replicated dir is a mount point under what a previous run left: removing \
-             that first; until the interception is mounted the bare directory is exposed"
+            "the replicated dir is or holds a mount point under what a previous run left: \
+             removing that first; until the interception is mounted the bare directory is \
+             exposed"
         );
         return open_tree_for_role(dir);
     }

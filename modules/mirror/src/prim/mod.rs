@@ -209,9 +209,22 @@ impl Primary {
         let _ = notifier.set(session.notifier());
         let connection = mount::fuse_connection(&dir);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let link =
-            crate::io_thread::IoThread::spawn("mirror-link", link::run(engine.clone(), stop_rx))
-                .map_err(MirrorError::io("start the replication link"))?;
+        let link = match crate::io_thread::IoThread::spawn(
+            "mirror-link",
+            link::run(engine.clone(), stop_rx),
+        ) {
+            Ok(link) => link,
+            Err(e) => {
+                // Nothing stays mounted and served by a PRIM that did not start.
+                engine.fence("PRIM did not start");
+                let _ = rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::DETACH);
+                if let Some(connection) = connection {
+                    let _ = mount::abort_fuse_connection(connection);
+                }
+                let _ = session.join();
+                return Err(MirrorError::io("start the replication link")(e));
+            }
+        };
         Ok((
             Primary {
                 engine,
@@ -288,11 +301,13 @@ impl Primary {
     }
 
     fn shutdown(&mut self) {
-        // What the peer durably holds need not be sent again, whoever is PRIM next
-        // (bookkeeping only; while the session is still current).
-        self.engine.clear_all_settled_intents();
-        // Then: nothing is acknowledged from here on, whatever the link does next.
+        let durable = self.engine.durable_in_session();
+        // First: nothing is acknowledged from here on, whatever the link does next.
         self.engine.fence("PRIM stopped");
+        // What the peer durably holds need not be sent again, whoever is PRIM next.
+        if let Some(durable) = durable {
+            self.engine.clear_settled_after_stop(durable);
+        }
         let _ = self.stop.send(true);
         self.link.stop();
         if let Some(session) = self.session.take() {

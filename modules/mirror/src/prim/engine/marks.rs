@@ -52,8 +52,10 @@ pub(super) struct Order {
     /// Each sequentially written file's last window of intents.
     pub(super) ahead: HashMap<RelPath, Run>,
     pub(super) epochs: Epochs,
-    /// Bumped whenever settled intents or reintegrated dirty marks leave the book.
-    pub(super) cleared: u64,
+    /// Bumped whenever settled intents leave the book, and whenever reintegrated dirty
+    /// marks do.
+    pub(super) intents_cleared: u64,
+    pub(super) dirty_cleared: u64,
 }
 
 /// What removes marks from the book, as seen at one instant: marks found missing under
@@ -69,7 +71,7 @@ pub(super) struct Removals {
 /// Marks a change needs in the book before it applies, and that the cache says are not
 /// there yet.
 pub(super) struct Missing {
-    kind: MarkKind,
+    pub(super) kind: MarkKind,
     marks: Marks,
     /// Intents: the zones each window marks ahead of a writer.
     windows: Vec<(RelPath, Range<u64>)>,
@@ -83,10 +85,14 @@ impl Missing {
 }
 
 impl Order {
-    pub(super) fn removals(&self) -> Removals {
+    /// What removes marks of `kind` from the book, as of now.
+    pub(super) fn removals(&self, kind: MarkKind) -> Removals {
         Removals {
             epochs: self.epochs,
-            cleared: self.cleared,
+            cleared: match kind {
+                MarkKind::Intent => self.intents_cleared,
+                MarkKind::Dirty => self.dirty_cleared,
+            },
         }
     }
 
@@ -117,7 +123,7 @@ impl Order {
             kind: MarkKind::Intent,
             marks,
             windows,
-            removals: self.removals(),
+            removals: self.removals(MarkKind::Intent),
         }
     }
 
@@ -141,7 +147,7 @@ impl Order {
             kind: MarkKind::Dirty,
             marks: new,
             windows: Vec::new(),
-            removals: self.removals(),
+            removals: self.removals(MarkKind::Dirty),
         }
     }
 
@@ -162,13 +168,17 @@ impl Order {
             written: None,
             touched: Instant::now(),
         };
+        // A zone another change took in meanwhile keeps its entry: it may already say
+        // which change wrote it, which a link loss must turn into dirty.
         for (path, zones) in marks.zones {
             for zone in zones {
-                self.intent_zones.insert((path.clone(), zone), mark);
+                self.intent_zones
+                    .entry((path.clone(), zone))
+                    .or_insert(mark);
             }
         }
         for path in marks.paths {
-            self.intent_paths.insert(path, mark);
+            self.intent_paths.entry(path).or_insert(mark);
         }
         for (path, zones) in windows {
             let run = self.ahead.entry(path).or_default();
@@ -241,10 +251,21 @@ impl Engine {
         self.clear_intents_settled_for(INTENT_LINGER)
     }
 
-    /// On a clean stop: every settled intent, hot or not, so that the next session
-    /// (this node as SECOND, say) does not send them again.
-    pub(crate) fn clear_all_settled_intents(&self) {
-        self.clear_intents_settled_for(Duration::ZERO)
+    /// The peer's durable watermark while a session streams: what a stop may still
+    /// clear intents by once it fenced ([`Engine::clear_settled_after_stop`]).
+    pub(crate) fn durable_in_session(&self) -> Option<u64> {
+        let link = self.lock_link();
+        (link.phase == Phase::Streaming).then_some(link.durable)
+    }
+
+    /// On a clean stop, after the fence: every intent the peer durably holds by
+    /// `durable`, hot or not, so that the next session (this node as SECOND, say) does
+    /// not send them again. Never waits for a change in progress: with the order lock
+    /// taken, nothing is cleared, which only costs that resend.
+    pub(crate) fn clear_settled_after_stop(&self, durable: u64) {
+        if let Ok(mut order) = self.order.try_lock() {
+            self.clear_settled_in(&mut order, durable, Duration::ZERO);
+        }
     }
 
     fn clear_intents_settled_for(&self, linger: Duration) {
@@ -256,13 +277,17 @@ impl Engine {
             }
             link.durable
         };
+        self.clear_settled_in(&mut order, durable, linger);
+    }
+
+    fn clear_settled_in(&self, order: &mut Order, durable: u64, linger: Duration) {
         let mut settled = Marks::default();
         let Order {
             intent_zones,
             intent_paths,
             ahead,
             ..
-        } = &mut *order;
+        } = order;
         intent_zones.retain(|(path, zone), intent| {
             let settle = intent.settled(durable, linger) && !ahead::recording(ahead, path, *zone);
             if settle {
@@ -285,7 +310,7 @@ impl Engine {
         if settled.is_empty() {
             return;
         }
-        order.cleared += 1;
+        order.intents_cleared += 1;
         if let Err(e) = self.book.clear(MarkKind::Intent, &settled) {
             tracing::warn!("cannot clear settled intents: {e}");
         }
@@ -310,8 +335,11 @@ impl Engine {
         if self.lock_link().session != session {
             return;
         }
+        if marks.is_empty() {
+            return;
+        }
         order.dirty.remove(marks);
-        order.cleared += 1;
+        order.dirty_cleared += 1;
         if let Err(e) = self.book.clear(MarkKind::Dirty, marks) {
             tracing::warn!("cannot clear reintegrated marks: {e}");
         }

@@ -42,6 +42,10 @@ use crate::AckMode;
 pub use change::{Change, Ticket, Touch};
 use marks::Order;
 
+/// How many times a change writes its marks without the order lock before it writes
+/// them under it ([`Engine::begin`]).
+const GROUP_COMMIT_ATTEMPTS: u32 = 2;
+
 /// Where the stream stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Phase {
@@ -251,6 +255,7 @@ impl Engine {
     pub fn begin(&self, touch: Touch) -> Result<Change<'_>, i32> {
         self.wait_for_window();
         let mut order = self.lock_order();
+        let mut gaps = 0;
         let phase = loop {
             let phase = self.lock_link().phase;
             if !self.may_acknowledge() {
@@ -264,6 +269,13 @@ impl Engine {
             if missing.is_empty() {
                 break phase;
             }
+            gaps += 1;
+            if gaps > GROUP_COMMIT_ATTEMPTS {
+                // Marks keep leaving the book meanwhile (a reintegration clearing what
+                // it repaired, say): written under the lock, so that this change gets on.
+                self.record(&mut order, missing)?;
+                continue;
+            }
             // Group commit: the synced write runs without the order lock, so that
             // writers reaching new zones together share one WAL sync (RocksDB groups
             // concurrent synced writes). The caller's names lock keeps the paths valid.
@@ -276,7 +288,7 @@ impl Engine {
             tests::in_gap(self);
             order = self.lock_order();
             written?;
-            if order.removals() == missing.removals && self.lock_link().phase == phase {
+            if order.removals(missing.kind) == missing.removals && self.lock_link().phase == phase {
                 order.take(missing);
             }
         };
