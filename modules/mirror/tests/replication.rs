@@ -420,3 +420,21 @@ async fn files_with_several_hard_links_are_read_only_until_one_name_is_left() {
     converge(&a, &b, Duration::from_secs(5)).await;
     assert_eq!(std::fs::read(b.join("one")).unwrap(), b"its own file now");
 }
+
+/// The kernel releases a closed file in the background, after close(2) returned: a
+/// writable open right after the last read-only (passthrough) reader closed must not be
+/// refused for a reader that is already gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_open_right_after_the_readers_closed_is_not_refused() {
+    let pair = Pair::in_step(AckMode::Write).await;
+    let path = pair.dir("a").join("f");
+    blocking(move || {
+        std::fs::write(&path, b"some bytes").unwrap();
+        for round in 0..300 {
+            drop(std::fs::File::open(&path).unwrap());
+            let writable = std::fs::OpenOptions::new().write(true).open(&path);
+            assert!(writable.is_ok(), "round {round}: {:?}", writable.err());
+        }
+    })
+    .await;
+}

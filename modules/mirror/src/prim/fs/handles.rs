@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use fuser::{
     BackingId, Errno, FileHandle, FileType, FopenFlags, INodeNo, OpenFlags, ReplyDirectory,
@@ -96,6 +97,12 @@ impl IoMode {
         }
     }
 }
+
+/// How long a writable open that conflicts with passthrough opens waits for them to
+/// be released before it is refused: the kernel sends a file's RELEASE after close(2)
+/// has returned (FUSE releases in the background), so a reader closed just before may
+/// still count.
+const RELEASE_GRACE: Duration = Duration::from_millis(200);
 
 /// Chooses the mode of a new open of `node` and counts it there. A passthrough open
 /// shares the inode's backing file, registering one with `open_backing` when there
@@ -214,28 +221,34 @@ impl MirrorFs {
         }
         let file = OpenFile::new(fd);
         let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
-        let mut inodes = self.inodes();
-        let Some(node) = inodes.nodes.get_mut(&ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
         let passthrough = self.passthrough.load(Ordering::SeqCst);
-        let (mode, backing) = match admit(node, access, passthrough, || {
-            reply.open_backing(file.as_fd())
-        }) {
-            Ok(admitted) => admitted,
-            Err(e) => {
-                if e == Errno::ETXTBSY {
-                    tracing::warn!(
+        let released_by = Instant::now() + RELEASE_GRACE;
+        let (mode, backing) = loop {
+            let mut inodes = self.inodes();
+            let Some(node) = inodes.nodes.get_mut(&ino.0) else {
+                return reply.error(Errno::ENOENT);
+            };
+            match admit(node, access, passthrough, || {
+                reply.open_backing(file.as_fd())
+            }) {
+                Ok(admitted) => break admitted,
+                Err(Errno::ETXTBSY) if Instant::now() < released_by => {
+                    drop(inodes);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => {
+                    if e == Errno::ETXTBSY {
+                        tracing::warn!(
                         path = %String::from_utf8_lossy(&path),
                         "refused to open a file for writing while it is open read-only through \
                          passthrough (its mmap writes would not be replicated); close the \
                          readers first, or run the module with passthrough off"
-                    );
+                        );
+                    }
+                    return reply.error(e);
                 }
-                return reply.error(e);
             }
         };
-        drop(inodes);
         self.handles.lock().expect("handle lock").insert(
             fh,
             Handle {
