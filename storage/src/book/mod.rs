@@ -285,18 +285,7 @@ impl ReplicationBook {
 
     /// Every mark of one kind.
     pub fn marks(&self, kind: MarkKind) -> Result<Marks, BookError> {
-        let mut marks = Marks::default();
-        for item in self
-            .db
-            .iterator_cf(cf(&self.db, kind.family()), IteratorMode::Start)
-        {
-            let (key, _) = item?;
-            match split_key(&key)? {
-                (path, Some(zone)) => marks.add_zone(&path, zone),
-                (path, None) => marks.add_path(&path),
-            }
-        }
-        Ok(marks)
+        Ok(self.marks_within(kind, usize::MAX)?.unwrap_or_default())
     }
 
     /// The marks of `kind`, unless their keys take more than `budget` bytes: then
@@ -309,7 +298,7 @@ impl ReplicationBook {
             .iterator_cf(cf(&self.db, kind.family()), IteratorMode::Start)
         {
             let (key, _) = item?;
-            used += key.len();
+            used = key.len().saturating_add(used);
             if used > budget {
                 return Ok(None);
             }
