@@ -306,22 +306,24 @@ impl NodeContext {
                 "the last voter cannot be removed".into(),
             ));
         }
-        // Refuse before touching membership, so a refused removal changes nothing.
-        let role = self.view.read(|s| {
-            s.cluster.modules.values().find_map(|m| {
-                let in_mirror = m
-                    .mirror
-                    .as_ref()
-                    .is_some_and(|a| a.prim == Some(id) || a.second == Some(id));
-                let in_farm = m.farm.as_ref().is_some_and(|f| f.members_up.contains(&id));
-                (in_mirror || in_farm).then(|| m.name.clone())
-            })
-        });
-        if let Some(module) = role {
-            return Err(LeaderError::Invalid(format!(
-                "node '{}' still has a role in module '{module}'",
-                info.name
-            )));
+        // The record goes first, the membership last. The state machine refuses to drop
+        // a node that still has a role, atomically with respect to the assignments, so
+        // a refused removal changes nothing. And a leader removing itself steps down
+        // soon after the membership change is applied: a write proposed after it could
+        // stay unanswered forever, since a node outside the membership is sent no more
+        // entries. A removal interrupted in between is finished by running it again
+        // (the record is gone, the membership change is what remains).
+        if self.view.read(|s| s.cluster.nodes.contains_key(&id)) {
+            match self
+                .raft
+                .client_write(Command::RemoveNode { id })
+                .await
+                .map_err(write_error)?
+                .data
+            {
+                CommandResponse::Applied => {}
+                CommandResponse::Rejected(reason) => return Err(LeaderError::Invalid(reason)),
+            }
         }
         let change = if voters.contains(&id) {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
@@ -332,18 +334,6 @@ impl NodeContext {
             .change_membership(change, false)
             .await
             .map_err(write_error)?;
-        if self.view.read(|s| s.cluster.nodes.contains_key(&id)) {
-            match self
-                .raft
-                .client_write(Command::RemoveNode { id })
-                .await
-                .map_err(write_error)?
-                .data
-            {
-                CommandResponse::Applied => {}
-                CommandResponse::Rejected(reason) => return Err(LeaderError::Failed(reason)),
-            }
-        }
         info!(node = %info.name, "node removed");
         Ok(())
     }

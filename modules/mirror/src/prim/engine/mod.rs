@@ -525,19 +525,24 @@ impl Engine {
     }
 
     /// Reintegration finished in `session`: the peer holds everything; parked writes
-    /// return. Not once the session ended: waiters parked by its end were not covered.
-    pub(crate) fn release_parked(&self, session: u64) {
+    /// return and `synced` is reported. Not once the session ended: waiters parked by
+    /// its end were not covered, and the peer may lack what was acknowledged alone
+    /// since. Returns false then. The event is sent under the link lock, so a loss of
+    /// the session is reported after it, never before it.
+    pub(crate) fn declare_in_step(&self, session: u64, synced: Event) -> bool {
         let parked = {
             let mut link = self.lock_link();
             if link.session != session || link.phase != Phase::Streaming {
-                return;
+                return false;
             }
             link.in_step = true;
+            let _ = self.events.send(synced);
             std::mem::take(&mut link.parked)
         };
         for waiter in parked {
             self.answer(waiter.done, Ok(()));
         }
+        true
     }
 
     pub(crate) fn event(&self, event: Event) {

@@ -108,14 +108,16 @@ impl Copier<'_> {
                     .set_sync_point(Some(point))
                     .and_then(|()| self.engine.book.journal_clear())
                     .map_err(|e| e.to_string())?;
-                self.progress.done = true;
-                self.publish();
-                self.engine.release_parked(self.session);
-                self.engine.event(Event::Synced {
+                let synced = Event::Synced {
                     session: self.session,
                     bytes_sent: self.progress.bytes_sent,
                     examined: self.progress.examined,
-                });
+                };
+                if !self.engine.declare_in_step(self.session, synced) {
+                    return Err("the session ended".into());
+                }
+                self.progress.done = true;
+                self.publish();
                 tracing::info!(
                     bytes = self.progress.bytes_sent,
                     examined = self.progress.examined,
