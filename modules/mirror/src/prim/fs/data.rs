@@ -14,7 +14,7 @@ use fuser::{Errno, FileHandle, Generation, INodeNo, ReplyCreate, ReplyEmpty, Rep
 use rustix::fs::{Mode, OFlags};
 
 use super::attrs::{attr_of, errno_of, errno_of_rustix};
-use super::handles::{admit, close_handle, Access, Handle, OpenFile};
+use super::handles::{admit, close_handle, Access, Admitted, Handle, OpenFile};
 use super::{MirrorFs, TTL};
 use crate::prim::engine::{Level, Ticket, Touch};
 use crate::protocol::{Op, RelPath};
@@ -267,7 +267,14 @@ impl MirrorFs {
                 rustix::fs::fchmod(&fd, Mode::from_raw_mode(perm)).map_err(io)?;
                 let stat = rustix::fs::fstat(&fd).map_err(io)?;
                 // Registered before the reply: the kernel uses the handle at once.
-                let (ino, mode, backing) = {
+                let (
+                    ino,
+                    Admitted {
+                        mode,
+                        backing,
+                        flags,
+                    },
+                ) = {
                     let mut inodes = self.inodes();
                     let ino = inodes.lookup(parent.0, name.as_bytes(), stat.st_ino);
                     let node = inodes.nodes.get_mut(&ino).expect("just looked up");
@@ -276,7 +283,7 @@ impl MirrorFs {
                     match admit(node, access, false, || {
                         Err(std::io::Error::other("no backing file for a create"))
                     }) {
-                        Ok((mode, backing)) => (ino, mode, backing),
+                        Ok(admitted) => (ino, admitted),
                         Err(e) => {
                             inodes.forget(ino, 1);
                             return Err(std::io::Error::from_raw_os_error(e.code()));
@@ -284,7 +291,7 @@ impl MirrorFs {
                     }
                 };
                 *created_out.lock().expect("create slot") =
-                    Some((attr_of(ino, &stat), mode, backing.clone()));
+                    Some((attr_of(ino, &stat), flags, backing.clone()));
                 self.handles.lock().expect("handle lock").insert(
                     fh,
                     Handle {
@@ -306,8 +313,8 @@ impl MirrorFs {
                 ))
             },
             move |result| match (result, created.lock().expect("create slot").take()) {
-                (Ok(()), Some((attr, mode, backing))) => {
-                    let (fh, flags) = (FileHandle(fh), mode.open_flags());
+                (Ok(()), Some((attr, flags, backing))) => {
+                    let fh = FileHandle(fh);
                     match backing {
                         Some(backing) => reply.created_passthrough(
                             &TTL,

@@ -87,15 +87,17 @@ impl IoMode {
             IoMode::Direct => &mut node.direct_opens,
         }
     }
+}
 
+/// An open admitted by [`admit`].
+#[derive(Debug)]
+pub(super) struct Admitted {
+    pub(super) mode: IoMode,
+    /// The backing file of a passthrough open.
+    pub(super) backing: Option<Arc<BackingId>>,
     /// What the open's reply tells the kernel (passthrough itself is added by the
     /// passthrough reply).
-    pub(super) fn open_flags(self) -> FopenFlags {
-        match self {
-            IoMode::Cached | IoMode::Passthrough => FopenFlags::empty(),
-            IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
-        }
-    }
+    pub(super) flags: FopenFlags,
 }
 
 /// How long a writable open that conflicts with passthrough opens waits for them to
@@ -107,13 +109,16 @@ const RELEASE_GRACE: Duration = Duration::from_millis(200);
 /// Chooses the mode of a new open of `node` and counts it there. A passthrough open
 /// shares the inode's backing file, registering one with `open_backing` when there
 /// is none; if that fails, the open falls back to another mode unless it had to join
-/// existing passthrough opens.
+/// existing passthrough opens. A cached open keeps the kernel's pages of the file
+/// when they are current ([`Node::pages_current`]): readers opening a file again (a
+/// database's processes, its checkpointer) do not have the whole file read again
+/// through here.
 pub(super) fn admit(
     node: &mut Node,
     access: Access,
     passthrough: bool,
     open_backing: impl FnOnce() -> std::io::Result<BackingId>,
-) -> Result<(IoMode, Option<Arc<BackingId>>), Errno> {
+) -> Result<Admitted, Errno> {
     let mut mode = mode_for(node, access, passthrough).ok_or(Errno::ETXTBSY)?;
     let mut backing = None;
     if mode == IoMode::Passthrough {
@@ -135,7 +140,25 @@ pub(super) fn admit(
         }
     }
     *mode.opens(node) += 1;
-    Ok((mode, backing))
+    let flags = match mode {
+        // Without KEEP_CACHE the kernel drops the inode's pages as it opens: current
+        // again either way.
+        IoMode::Cached if std::mem::replace(&mut node.pages_current, true) => {
+            FopenFlags::FOPEN_KEEP_CACHE
+        }
+        IoMode::Cached | IoMode::Passthrough => FopenFlags::empty(),
+        IoMode::Direct => {
+            if access != Access::ReadOnly {
+                node.pages_current = false;
+            }
+            FopenFlags::FOPEN_DIRECT_IO
+        }
+    };
+    Ok(Admitted {
+        mode,
+        backing,
+        flags,
+    })
 }
 
 pub(super) struct Handle {
@@ -223,7 +246,11 @@ impl MirrorFs {
         let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
         let passthrough = self.passthrough.load(Ordering::SeqCst);
         let released_by = Instant::now() + RELEASE_GRACE;
-        let (mode, backing) = loop {
+        let Admitted {
+            mode,
+            backing,
+            flags,
+        } = loop {
             let mut inodes = self.inodes();
             let Some(node) = inodes.nodes.get_mut(&ino.0) else {
                 return reply.error(Errno::ENOENT);
@@ -258,7 +285,6 @@ impl MirrorFs {
                 _backing: backing.clone(),
             },
         );
-        let flags = mode.open_flags();
         match backing {
             Some(backing) => reply.opened_passthrough(FileHandle(fh), flags, &backing),
             None => reply.opened(FileHandle(fh), flags),
@@ -406,8 +432,11 @@ mod tests {
     fn an_open_that_gets_no_backing_file_falls_back_unless_it_must_join_passthrough() {
         let no_kernel = || Err(std::io::Error::other("no kernel here"));
         let mut alone = node(0, 0, 1);
-        let (mode, backing) = admit(&mut alone, Access::ReadOnly, true, no_kernel).unwrap();
-        assert_eq!((mode, backing.is_none()), (IoMode::Direct, true));
+        let admitted = admit(&mut alone, Access::ReadOnly, true, no_kernel).unwrap();
+        assert_eq!(
+            (admitted.mode, admitted.backing.is_none()),
+            (IoMode::Direct, true)
+        );
         assert_eq!(alone.direct_opens, 2);
         // Passthrough opens exist but their backing file is gone: refuse, count nothing.
         let mut joining = node(0, 1, 0);
@@ -433,6 +462,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_cached_open_keeps_the_kernels_pages_only_while_no_direct_writer_has_bypassed_them() {
+        let kernel = || -> std::io::Result<BackingId> { panic!("no passthrough here") };
+        let keeps = |node: &mut Node, access| {
+            let admitted = admit(node, access, false, kernel).expect("admitted");
+            *admitted.mode.opens(node) -= 1;
+            match admitted.mode {
+                IoMode::Cached => Some(admitted.flags == FopenFlags::FOPEN_KEEP_CACHE),
+                _ => {
+                    assert_eq!(admitted.flags, FopenFlags::FOPEN_DIRECT_IO);
+                    None
+                }
+            }
+        };
+        let mut node = node(0, 0, 0);
+        // The first cached open has the (empty) cache dropped; the next ones keep it.
+        assert_eq!(keeps(&mut node, Access::ReadOnly), Some(false));
+        assert_eq!(keeps(&mut node, Access::ReadWrite), Some(true));
+        assert_eq!(keeps(&mut node, Access::ReadOnly), Some(true));
+        // A direct reader changes nothing; a direct writer makes the pages stale.
+        node.direct_opens = 1;
+        assert_eq!(keeps(&mut node, Access::ReadOnly), None);
+        node.direct_opens = 0;
+        assert_eq!(keeps(&mut node, Access::ReadOnly), Some(true));
+        assert_eq!(keeps(&mut node, Access::WriteOnly), None);
+        assert_eq!(keeps(&mut node, Access::ReadOnly), Some(false));
+        assert_eq!(keeps(&mut node, Access::ReadOnly), Some(true));
     }
 
     /// Any sequence of opens and closes keeps cached opens apart from the other modes.

@@ -29,6 +29,13 @@ pub(super) struct Node {
     /// The file had no `security.capability` when the file system's count of changes
     /// to that attribute was this (see [`super::attrs::CAPABILITY`]).
     pub(super) capability_absent: Option<u64>,
+    /// The pages the kernel may cache for this inode hold the file's bytes, so a cached
+    /// open may keep them (FOPEN_KEEP_CACHE). False from a writable direct open, whose
+    /// writes bypass those pages, until the next cached open has them dropped. Nothing
+    /// else writes a file behind the kernel's back: every change comes through the
+    /// mount, and the kernel updates or drops its pages for truncations, allocations
+    /// and failed writes itself.
+    pub(super) pages_current: bool,
 }
 
 impl Node {
@@ -44,6 +51,9 @@ impl Node {
             direct_opens: 0,
             backing: Weak::new(),
             capability_absent: None,
+            // A new node is a new kernel inode, with nothing cached: dropping costs
+            // nothing, and the first cached open does.
+            pages_current: false,
         }
     }
 }
