@@ -311,19 +311,21 @@ impl NodeContext {
         // a refused removal changes nothing. And a leader removing itself steps down
         // soon after the membership change is applied: a write proposed after it could
         // stay unanswered forever, since a node outside the membership is sent no more
-        // entries. A removal interrupted in between is finished by running it again
-        // (the record is gone, the membership change is what remains).
-        if self.view.read(|s| s.cluster.nodes.contains_key(&id)) {
-            match self
-                .raft
-                .client_write(Command::RemoveNode { id })
-                .await
-                .map_err(write_error)?
-                .data
-            {
-                CommandResponse::Applied => {}
-                CommandResponse::Rejected(reason) => return Err(LeaderError::Invalid(reason)),
-            }
+        // entries. A removal interrupted in between is finished by running it again:
+        // the record is gone, which the refusal of a second RemoveNode shows (read once
+        // it is applied here; before, this leader's view may lag), and the membership
+        // change is what remains.
+        match self
+            .raft
+            .client_write(Command::RemoveNode { id })
+            .await
+            .map_err(write_error)?
+            .data
+        {
+            CommandResponse::Applied => {}
+            CommandResponse::Rejected(_)
+                if !self.view.read(|s| s.cluster.nodes.contains_key(&id)) => {}
+            CommandResponse::Rejected(reason) => return Err(LeaderError::Invalid(reason)),
         }
         let change = if voters.contains(&id) {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))

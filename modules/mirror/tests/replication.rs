@@ -145,6 +145,75 @@ async fn a_reopened_file_reads_what_a_closed_direct_writer_wrote() {
     converge(&a, &b, Duration::from_secs(5)).await;
 }
 
+/// A hole punched in a file whose pages the kernel caches, answered with an error
+/// after it was made here (the write parked with SECOND gone and nobody deciding to go
+/// on alone, until the park timeout): the kernel keeps its pages then, so the file
+/// reopened must not keep them, and reads the zeros the file holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_answered_with_an_error_leaves_no_stale_page_for_the_next_open() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let mut pair = Pair::new(AckMode::Write);
+    let addr = pair.start_second("b", "127.0.0.1:0");
+    let mut config = pair.prim_config("a", addr, 1);
+    config.continue_alone = false;
+    config.park_timeout = Duration::from_millis(300);
+    pair.start_prim(config);
+    pair.wait_synced().await;
+    let path = pair.dir("a").join("f");
+    let open = {
+        let path = path.clone();
+        move || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap()
+        }
+    };
+    let read = |file: &std::fs::File| {
+        let mut buf = [0u8; 4];
+        file.read_exact_at(&mut buf, 4096).unwrap();
+        buf
+    };
+    let cached = {
+        let open = open.clone();
+        blocking(move || {
+            let file = open();
+            file.write_all_at(&[1u8; 1 << 16], 0).unwrap();
+            read(&file)
+        })
+        .await
+    };
+    assert_eq!(cached, [1; 4], "the page is in the kernel's cache");
+
+    drop(pair.second.take());
+    pair.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, rampart_mirror::prim::Event::PeerLost { .. })
+    })
+    .await;
+    let (punched, reopened) = blocking(move || {
+        let file = open();
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on an open descriptor; no memory is passed.
+        let punched = unsafe { libc::fallocate(file.as_raw_fd(), mode, 0, 1 << 16) };
+        let punched = (punched == 0)
+            .then_some(())
+            .ok_or_else(std::io::Error::last_os_error);
+        drop(file);
+        (punched, read(&open()))
+    })
+    .await;
+    let refused = punched.expect_err("parked past the timeout");
+    assert_eq!(refused.raw_os_error(), Some(libc::EIO), "{refused}");
+    assert_eq!(
+        reopened, [0; 4],
+        "the reopened file reads what the file holds"
+    );
+}
+
 /// A read-only open passes through to the real file, and the kernel then requires
 /// every open of that file to pass through, mapping a shared writable mmap straight
 /// onto the real file: so a writable open beside it is refused (`ETXTBSY`), and once

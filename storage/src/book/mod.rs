@@ -19,7 +19,7 @@
 //!
 //! Durability: every method that *adds* marks, moves them, or records the sync point has
 //! them on disk (WAL synced) when it returns; clearing is not synced (a lost clear only
-//! resends a zone).
+//! resends a zone), except as part of adopting a sync point, which is one synced write.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -501,6 +501,30 @@ impl ReplicationBook {
         let bytes = bincode::serde::encode_to_vec(paths, bincode::config::standard())
             .expect("paths always encode");
         Ok(self.db.put_cf_opt(family, KEY_DAMAGED, bytes, &synced())?)
+    }
+
+    /// This copy now holds the state named `point`: forgets every mark of either kind
+    /// (what it changed on its own has been overwritten) and records the point, in one
+    /// write, on disk when this returns. Reads each set's first and last key, never
+    /// the marks between (a book can hold millions).
+    pub fn adopt_sync_point(&self, point: SyncPoint) -> Result<(), BookError> {
+        let mut batch = WriteBatch::default();
+        for kind in [MarkKind::Intent, MarkKind::Dirty] {
+            let family = cf(&self.db, kind.family());
+            let end = |mode| self.db.iterator_cf(family, mode).next().transpose();
+            let (Some((first, _)), Some((last, _))) =
+                (end(IteratorMode::Start)?, end(IteratorMode::End)?)
+            else {
+                continue;
+            };
+            // A range tombstone covers [first, last); the last key goes by itself.
+            batch.delete_range_cf(family, &first, &last);
+            batch.delete_cf(family, &last);
+        }
+        let bytes = bincode::serde::encode_to_vec(point, bincode::config::standard())
+            .expect("sync points always encode");
+        batch.put_cf(cf(&self.db, CF_META), KEY_SYNC_POINT, bytes);
+        Ok(self.db.write_opt(batch, &synced())?)
     }
 
     /// Records (or with `None` forgets) the sync point; on disk when this returns.

@@ -198,3 +198,50 @@ fn marks_over_a_budget_are_not_read_whole() {
         Some(Marks::default())
     );
 }
+
+#[test]
+fn adopting_a_sync_point_forgets_every_mark_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let point = SyncPoint { id: 7, epoch: 3 };
+    {
+        let book = ReplicationBook::open(dir.path()).unwrap();
+        // An empty book, and a set of one mark (first key = last key).
+        book.adopt_sync_point(point).unwrap();
+        book.add(MarkKind::Intent, &marks(&[("only", 0)], &[]))
+            .unwrap();
+        book.add(
+            MarkKind::Dirty,
+            &marks(
+                &[("a", 0), ("a", 9), ("z/y", 1)],
+                &["", "m", "\u{ff}\u{ff}"],
+            ),
+        )
+        .unwrap();
+        book.journal_push(&JournalEntry::Link {
+            from: b"a".to_vec(),
+            to: b"b".to_vec(),
+        })
+        .unwrap();
+        book.adopt_sync_point(SyncPoint { id: 8, epoch: 4 })
+            .unwrap();
+    }
+    let book = ReplicationBook::open(dir.path()).unwrap();
+    assert!(book.marks(MarkKind::Intent).unwrap().is_empty());
+    assert!(book.marks(MarkKind::Dirty).unwrap().is_empty());
+    assert_eq!(
+        book.sync_point().unwrap(),
+        Some(SyncPoint { id: 8, epoch: 4 })
+    );
+    assert_eq!(
+        book.journal().unwrap().map(|j| j.len()),
+        Some(1),
+        "the journal stays"
+    );
+    // Marks added after it are kept as usual.
+    book.add(MarkKind::Dirty, &marks(&[("new", 2)], &[]))
+        .unwrap();
+    assert_eq!(
+        book.marks(MarkKind::Dirty).unwrap(),
+        marks(&[("new", 2)], &[])
+    );
+}

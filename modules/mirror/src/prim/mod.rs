@@ -149,7 +149,8 @@ pub enum Event {
     /// [`Primary::go_alone`] takes.
     PeerAbsent { session: u64 },
     /// SECOND could not apply or sync a change on `path` in `session`: its copy is not
-    /// up to date. The session ends ([`Event::PeerLost`] follows); the next repairs it.
+    /// up to date. The session ends with it ([`Event::PeerLost`] follows, no
+    /// [`Event::Synced`] of that session does); the next session repairs it.
     NotUpToDate {
         session: u64,
         path: String,

@@ -130,13 +130,15 @@ impl Engine {
         if let Err(e) = self.record_dirty(&mut order, &marks) {
             tracing::error!("cannot record a divergence: errno {e}");
         }
-        let _ = self.events.send(Event::NotUpToDate {
-            session,
-            path: path_text.clone(),
-            error: error.to_string(),
-        });
         let reason = format!("SECOND failed to apply a change on {path_text:?}: {error}");
-        self.end_session(&mut order, session, reason);
+        let notice = Event::NotUpToDate {
+            session,
+            path: path_text,
+            error: error.to_string(),
+        };
+        #[cfg(test)]
+        super::tests::in_gap(self);
+        self.end_session_with(&mut order, session, reason, Some(notice));
     }
 
     /// True when the current session heard nothing for the link timeout.
@@ -157,9 +159,25 @@ impl Engine {
     /// Ends `session` if it is still the current one and streaming; the caller holds
     /// the order lock.
     pub(super) fn end_session(&self, order: &mut Order, session: u64, reason: String) {
+        self.end_session_with(order, session, reason, None);
+    }
+
+    /// [`Engine::end_session`], reporting `notice` first if it ends the session. Sent
+    /// under the link lock, as `synced` is ([`Engine::declare_in_step`]): nothing can
+    /// report the session in step after it.
+    fn end_session_with(
+        &self,
+        order: &mut Order,
+        session: u64,
+        reason: String,
+        notice: Option<Event>,
+    ) {
         let mut link = self.lock_link();
         if link.session != session || link.phase != Phase::Streaming {
             return;
+        }
+        if let Some(notice) = notice {
+            let _ = self.events.send(notice);
         }
         link.session += 1;
         let stalled = link.session;

@@ -20,14 +20,16 @@ thread_local! {
 }
 
 /// Runs what the test set for this thread, once: [`Engine::begin`] calls it between
-/// its synced book write and taking the order lock back.
+/// its synced book write and taking the order lock back, [`Engine::on_failed`] between
+/// recording the divergence and ending the session.
 pub(super) fn in_gap(engine: &Engine) {
     if let Some(hook) = IN_GAP.with(|gap| gap.borrow_mut().take()) {
         hook(engine);
     }
 }
 
-/// The next [`Engine::begin`] on this thread runs `hook` in its gap.
+/// The next [`Engine::begin`] or [`Engine::on_failed`] on this thread runs `hook` in
+/// its gap.
 fn in_next_gap(hook: impl FnOnce(&Engine) + 'static) {
     IN_GAP.with(|gap| *gap.borrow_mut() = Some(Box::new(hook)));
 }
@@ -211,6 +213,36 @@ fn a_failure_from_second_parks_the_writes_waiting_for_its_acknowledgement() {
     let lost = engine.lock_link().session;
     engine.go_alone(lost).unwrap();
     assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
+}
+
+/// Found in review: SECOND's failure was reported before its session ended, so a
+/// copier finishing in between reported `synced` after it. The report now comes with
+/// the end of the session, under the same lock as `synced`.
+#[test]
+fn not_up_to_date_is_never_followed_by_synced_of_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, mut events) = engine_with_events(&dir);
+    let (frames, _sent) = amps::unbounded_channel();
+    let session = engine
+        .start_session(frames, None, &Marks::default())
+        .unwrap();
+    in_next_gap(move |engine| {
+        let _ = engine.declare_in_step(session, synced(session));
+    });
+    engine.on_failed(session, &[b"f".to_vec()], "Read-only file system");
+    let mut names = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        names.push(match event {
+            Event::Synced { .. } => "synced",
+            Event::NotUpToDate { .. } => "not_up_to_date",
+            Event::PeerLost { .. } => "peer_lost",
+            _ => "other",
+        });
+    }
+    let reported = (names.iter().position(|n| *n == "not_up_to_date"))
+        .unwrap_or_else(|| panic!("no not_up_to_date: {names:?}"));
+    assert!(!names[reported..].contains(&"synced"), "{names:?}");
+    assert_eq!(names.last(), Some(&"peer_lost"), "{names:?}");
 }
 
 /// Found by the model test under load: the copier finished the reintegration after

@@ -165,7 +165,12 @@ impl MirrorFs {
                 .and_then(|()| rustix::fs::fstat(file.as_fd()).map_err(errno_of_rustix));
             return match changed {
                 Ok(stat) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
-                Err(e) => reply.error(e),
+                Err(e) => {
+                    if size.is_some() {
+                        self.distrust_pages_on_error(ino.0)();
+                    }
+                    reply.error(e)
+                }
             };
         }
         let path = match self.changeable_path(ino) {
@@ -178,7 +183,10 @@ impl MirrorFs {
                 .and_then(|()| self.truncate(&path, fh, size))
             {
                 Ok(ticket) => Some(ticket),
-                Err(e) => return reply.error(e),
+                Err(e) => {
+                    self.distrust_pages_on_error(ino.0)();
+                    return reply.error(e);
+                }
             },
             None => None,
         };
@@ -210,10 +218,17 @@ impl MirrorFs {
         reply: ReplyAttr,
     ) {
         let level = self.engine.write_level();
+        let distrust = truncated
+            .is_some()
+            .then(|| self.distrust_pages_on_error(ino.0));
         let answer = move |result: Result<Option<rustix::fs::Stat>, Errno>| match result {
             Ok(Some(stat)) => reply.attr(&TTL, &attr_of(ino.0, &stat)),
-            Ok(None) => reply.error(Errno::ENOENT),
-            Err(e) => reply.error(e),
+            failed => {
+                if let Some(distrust) = distrust {
+                    distrust();
+                }
+                reply.error(failed.err().unwrap_or(Errno::ENOENT))
+            }
         };
         let Some(op) = attrs else {
             // A truncation alone waits for its own acknowledgement, like a write.

@@ -347,9 +347,14 @@ impl MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let file = match self.handle_file(fh) {
-            Ok(file) => file,
-            Err(e) => return reply.error(e),
+        let handle = self
+            .handles
+            .lock()
+            .expect("handle lock")
+            .get(&fh.0)
+            .map(|h| (h.ino, h.file.clone()));
+        let Some((ino, file)) = handle else {
+            return reply.error(Errno::EBADF);
         };
         let zone_size = self.engine.config.zone_size;
         let shifts =
@@ -369,6 +374,7 @@ impl MirrorFs {
             offset,
             len: length,
         };
+        let distrust = self.distrust_pages_on_error(ino);
         self.change(
             &path,
             touch,
@@ -385,7 +391,10 @@ impl MirrorFs {
             },
             move |result| match result {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
+                Err(e) => {
+                    distrust();
+                    reply.error(e)
+                }
             },
         );
     }

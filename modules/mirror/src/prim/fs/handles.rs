@@ -110,9 +110,8 @@ const RELEASE_GRACE: Duration = Duration::from_millis(200);
 /// shares the inode's backing file, registering one with `open_backing` when there
 /// is none; if that fails, the open falls back to another mode unless it had to join
 /// existing passthrough opens. A cached open keeps the kernel's pages of the file
-/// when they are current ([`Node::pages_current`]): readers opening a file again (a
-/// database's processes, its checkpointer) do not have the whole file read again
-/// through here.
+/// while they are current ([`Node::pages_current`]): a file opened again (by each of a
+/// database's processes, its checkpointer) is not read whole again through here.
 pub(super) fn admit(
     node: &mut Node,
     access: Access,
@@ -141,11 +140,7 @@ pub(super) fn admit(
     }
     *mode.opens(node) += 1;
     let flags = match mode {
-        // Without KEEP_CACHE the kernel drops the inode's pages as it opens: current
-        // again either way.
-        IoMode::Cached if std::mem::replace(&mut node.pages_current, true) => {
-            FopenFlags::FOPEN_KEEP_CACHE
-        }
+        IoMode::Cached if node.pages_current => FopenFlags::FOPEN_KEEP_CACHE,
         IoMode::Cached | IoMode::Passthrough => FopenFlags::empty(),
         IoMode::Direct => {
             if access != Access::ReadOnly {
@@ -465,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_open_keeps_the_kernels_pages_only_while_no_direct_writer_has_bypassed_them() {
+    fn a_cached_open_keeps_the_kernels_pages_until_a_direct_writer_bypassed_them() {
         let kernel = || -> std::io::Result<BackingId> { panic!("no passthrough here") };
         let keeps = |node: &mut Node, access| {
             let admitted = admit(node, access, false, kernel).expect("admitted");
@@ -479,18 +474,19 @@ mod tests {
             }
         };
         let mut node = node(0, 0, 0);
-        // The first cached open has the (empty) cache dropped; the next ones keep it.
-        assert_eq!(keeps(&mut node, Access::ReadOnly), Some(false));
-        assert_eq!(keeps(&mut node, Access::ReadWrite), Some(true));
+        // A new node's kernel inode caches nothing yet: every cached open keeps.
         assert_eq!(keeps(&mut node, Access::ReadOnly), Some(true));
-        // A direct reader changes nothing; a direct writer makes the pages stale.
+        assert_eq!(keeps(&mut node, Access::ReadWrite), Some(true));
+        // A direct reader changes nothing.
         node.direct_opens = 1;
         assert_eq!(keeps(&mut node, Access::ReadOnly), None);
         node.direct_opens = 0;
         assert_eq!(keeps(&mut node, Access::ReadOnly), Some(true));
+        // A direct writer makes the pages stale for good: no open can know when the
+        // kernel dropped them.
         assert_eq!(keeps(&mut node, Access::WriteOnly), None);
         assert_eq!(keeps(&mut node, Access::ReadOnly), Some(false));
-        assert_eq!(keeps(&mut node, Access::ReadOnly), Some(true));
+        assert_eq!(keeps(&mut node, Access::ReadWrite), Some(false));
     }
 
     /// Any sequence of opens and closes keeps cached opens apart from the other modes.

@@ -30,11 +30,15 @@ pub(super) struct Node {
     /// to that attribute was this (see [`super::attrs::CAPABILITY`]).
     pub(super) capability_absent: Option<u64>,
     /// The pages the kernel may cache for this inode hold the file's bytes, so a cached
-    /// open may keep them (FOPEN_KEEP_CACHE). False from a writable direct open, whose
-    /// writes bypass those pages, until the next cached open has them dropped. Nothing
-    /// else writes a file behind the kernel's back: every change comes through the
-    /// mount, and the kernel updates or drops its pages for truncations, allocations
-    /// and failed writes itself.
+    /// open may keep them (FOPEN_KEEP_CACHE). True for a new node: the kernel's inode
+    /// is new too (a node leaves the table only when the kernel forgets its inode), so
+    /// it caches nothing yet. False for the rest of the node's life from the first
+    /// change that may have bypassed those pages: a writable direct open, or a change of
+    /// the file's bytes answered with an error (the kernel then keeps its pages as they
+    /// were, though the file may have changed). Never true again: without
+    /// KEEP_CACHE the kernel drops the pages only as that open completes, after the
+    /// reply, so no later open could know they were dropped. Every other change comes
+    /// through the mount and its success makes the kernel update or drop its pages.
     pub(super) pages_current: bool,
 }
 
@@ -51,9 +55,7 @@ impl Node {
             direct_opens: 0,
             backing: Weak::new(),
             capability_absent: None,
-            // A new node is a new kernel inode, with nothing cached: dropping costs
-            // nothing, and the first cached open does.
-            pages_current: false,
+            pages_current: true,
         }
     }
 }

@@ -216,20 +216,7 @@ fn apply_in<'scope, 'env>(
                             continue; // Not durable: this copy never shares that state.
                         }
                         // Everything SECOND changed on its own has been overwritten.
-                        let result = shared
-                            .book
-                            .clear(
-                                MarkKind::Intent,
-                                &shared.book.marks(MarkKind::Intent).unwrap_or_default(),
-                            )
-                            .and_then(|()| {
-                                shared.book.clear(
-                                    MarkKind::Dirty,
-                                    &shared.book.marks(MarkKind::Dirty).unwrap_or_default(),
-                                )
-                            })
-                            .and_then(|()| shared.book.set_sync_point(Some(point)));
-                        if let Err(e) = result {
+                        if let Err(e) = shared.book.adopt_sync_point(point) {
                             tracing::error!("cannot record the sync point: {e}");
                         }
                     }
