@@ -35,6 +35,7 @@ use std::time::Instant;
 use rampart_storage::{book, MarkKind, ReplicationBook};
 use tokio::sync::mpsc as amps;
 
+use crate::prim::resync::ResyncProgress;
 use crate::prim::{Event, PrimConfig, PrimStatus};
 use crate::protocol::Answer;
 use crate::tree::Tree;
@@ -525,17 +526,24 @@ impl Engine {
     }
 
     /// Reintegration finished in `session`: the peer holds everything; parked writes
-    /// return and `synced` is reported. Not once the session ended: waiters parked by
-    /// its end were not covered, and the peer may lack what was acknowledged alone
-    /// since. Returns false then. The event is sent under the link lock, so a loss of
-    /// the session is reported after it, never before it.
-    pub(crate) fn declare_in_step(&self, session: u64, synced: Event) -> bool {
+    /// return, the status shows `finished` and `synced` is reported. Not once the
+    /// session ended: waiters parked by its end were not covered, and the peer may lack
+    /// what was acknowledged alone since. Returns false then. The status and the event
+    /// are set under the link lock, so a loss of the session is reported after them,
+    /// never before, and the status is never behind the event.
+    pub(crate) fn declare_in_step(
+        &self,
+        session: u64,
+        synced: Event,
+        finished: ResyncProgress,
+    ) -> bool {
         let parked = {
             let mut link = self.lock_link();
             if link.session != session || link.phase != Phase::Streaming {
                 return false;
             }
             link.in_step = true;
+            self.set_status(|s| s.resync = Some(finished));
             let _ = self.events.send(synced);
             std::mem::take(&mut link.parked)
         };

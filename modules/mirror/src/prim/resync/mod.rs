@@ -113,11 +113,12 @@ impl Copier<'_> {
                     bytes_sent: self.progress.bytes_sent,
                     examined: self.progress.examined,
                 };
-                if !self.engine.declare_in_step(self.session, synced) {
+                self.progress.done = true;
+                let finished = self.snapshot();
+                if !self.engine.declare_in_step(self.session, synced, finished) {
+                    self.progress.done = false;
                     return Err("the session ended".into());
                 }
-                self.progress.done = true;
-                self.publish();
                 tracing::info!(
                     bytes = self.progress.bytes_sent,
                     examined = self.progress.examined,
@@ -467,6 +468,12 @@ impl Copier<'_> {
     }
 
     fn publish(&mut self) {
+        let progress = self.snapshot();
+        self.engine.set_status(|s| s.resync = Some(progress));
+    }
+
+    /// The progress as of now, for the status.
+    fn snapshot(&mut self) -> ResyncProgress {
         let elapsed = self.started.elapsed().as_secs_f64();
         self.progress.elapsed_secs = elapsed;
         let left = self
@@ -475,8 +482,7 @@ impl Copier<'_> {
             .saturating_sub(self.progress.zones_sent);
         self.progress.eta_secs = (self.progress.zones_sent > 0 && elapsed > 0.0)
             .then(|| left as f64 * elapsed / self.progress.zones_sent as f64);
-        let progress = self.progress.clone();
-        self.engine.set_status(|s| s.resync = Some(progress));
+        self.progress.clone()
     }
 }
 
