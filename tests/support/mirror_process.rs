@@ -2,7 +2,7 @@
 //! are collected with the time they were printed; killed, and its mounts removed, on
 //! drop, whether the caller passed or not.
 //!
-//! Included with `#[path]` by `tests/mirror.rs` and `benches/mirror.rs`.
+//! Included with `#[path]` by the `tests/mirror*.rs` tests and `benches/mirror/`.
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
@@ -107,14 +107,14 @@ impl MirrorProcess {
 
     /// SIGSTOP: frozen, its sockets open. Never for a PRIM while the caller touches its
     /// mount (the caller would wait on the frozen FUSE server).
-    #[allow(dead_code, reason = "used by tests/mirror.rs, not by every includer")]
+    #[allow(dead_code, reason = "not used by every includer")]
     pub fn pause(&self) {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
     }
 
     /// SIGCONT after [`MirrorProcess::pause`].
-    #[allow(dead_code, reason = "used by tests/mirror.rs, not by every includer")]
+    #[allow(dead_code, reason = "not used by every includer")]
     pub fn resume(&self) {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
