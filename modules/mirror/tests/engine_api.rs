@@ -133,21 +133,28 @@ impl Drop for DeadMount {
     }
 }
 
+/// A pair and a dead mount in SECOND's copy, dropped in this order: the pair
+/// (SECOND's read-only mount over its copy hides the dead one), then the dead mount.
+struct PairOverDeadMount {
+    pair: Pair,
+    dead: Option<DeadMount>,
+}
+
+impl PairOverDeadMount {
+    fn new() -> PairOverDeadMount {
+        PairOverDeadMount {
+            pair: Pair::new(AckMode::Write),
+            dead: None,
+        }
+    }
+}
+
 /// SECOND's copy holds a mount whose server died: listing it fails, so the
 /// reintegration stops. PRIM says so for that session, which stays up; once the mount
 /// is gone, the next session reintegrates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reintegration_that_cannot_list_second_reports_it_and_the_next_session_repairs() {
-    // Dropped in this order: the pair (SECOND's read-only mount over its copy hides
-    // the dead one), then the dead mount.
-    struct Test {
-        pair: Pair,
-        dead: Option<DeadMount>,
-    }
-    let mut test = Test {
-        pair: Pair::new(AckMode::Write),
-        dead: None,
-    };
+    let mut test = PairOverDeadMount::new();
     let pair = &mut test.pair;
     std::fs::write(pair.dir("a").join("f"), b"to reintegrate").unwrap();
     test.dead = Some(DeadMount::at(
@@ -190,14 +197,7 @@ async fn a_reintegration_that_cannot_list_second_reports_it_and_the_next_session
 /// stays up, the write still fails after the park timeout instead of waiting for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_parked_across_a_reintegration_that_cannot_finish_fails_in_time() {
-    struct Test {
-        pair: Pair,
-        dead: Option<DeadMount>,
-    }
-    let mut test = Test {
-        pair: Pair::new(AckMode::Write),
-        dead: None,
-    };
+    let mut test = PairOverDeadMount::new();
     test.dead = Some(DeadMount::at(
         &test.pair.dir("b").join("broken"),
         &test.pair.root.path().join("bindfs-source"),
