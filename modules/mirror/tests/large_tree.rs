@@ -31,6 +31,10 @@ fn populate(root: &std::path::Path, extra_dir: &str) {
     }
 }
 
+/// How long making or listing a million entries may take on a slow or loaded machine
+/// (the two minutes of [`blocking`] ran out here under a CPU stressor).
+const HUGE_WORK: Duration = Duration::from_secs(600);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sync_of_more_than_a_million_entries_completes() {
     let mut pair = Pair::new(AckMode::Write);
@@ -38,7 +42,7 @@ async fn a_full_sync_of_more_than_a_million_entries_completes() {
     let started = Instant::now();
     // The same million entries on both sides (the comparison lists them all), and a
     // directory on each side that the other lacks.
-    blocking({
+    blocking_within(HUGE_WORK, {
         let (a, b) = (a.clone(), b.clone());
         move || {
             std::thread::scope(|s| {
@@ -64,7 +68,7 @@ async fn a_full_sync_of_more_than_a_million_entries_completes() {
     // Compared beneath PRIM's mount: a million lookups through FUSE would only be slow.
     drop(pair.prim.take());
 
-    let listed = blocking(move || {
+    let listed = blocking_within(HUGE_WORK, move || {
         let (ta, tb) = (Tree::open(&a).unwrap(), Tree::open(&b).unwrap());
         let (la, lb) = (ta.list(b"").unwrap(), tb.list(b"").unwrap());
         assert_eq!(la.len(), lb.len(), "both sides list as many entries");

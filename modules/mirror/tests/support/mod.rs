@@ -152,7 +152,15 @@ impl Drop for Pair {
 /// A call that never returns fails the test after two minutes instead of hanging it;
 /// dropping the pair then fences PRIM, which fails the stuck call.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let limit = Duration::from_secs(120);
+    blocking_within(Duration::from_secs(120), f).await
+}
+
+/// [`blocking`] for work that takes long on a slow machine (a million files), failing
+/// after `limit`.
+pub async fn blocking_within<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
         Ok(result) => result.unwrap(),
         Err(_) => panic!("file operations on the mount did not return within {limit:?}"),
