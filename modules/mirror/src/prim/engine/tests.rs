@@ -215,6 +215,20 @@ fn a_failure_from_second_parks_the_writes_waiting_for_its_acknowledgement() {
     assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
 }
 
+/// The kinds of the events reported so far, in order.
+fn event_names(events: &mut amps::UnboundedReceiver<Event>) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        names.push(match event {
+            Event::Synced { .. } => "synced",
+            Event::NotUpToDate { .. } => "not_up_to_date",
+            Event::PeerLost { .. } => "peer_lost",
+            _ => "other",
+        });
+    }
+    names
+}
+
 /// Found in review: SECOND's failure was reported before its session ended, so a
 /// copier finishing in between reported `synced` after it. The report now comes with
 /// the end of the session, under the same lock as `synced`.
@@ -230,15 +244,7 @@ fn not_up_to_date_is_never_followed_by_synced_of_its_session() {
         let _ = engine.declare_in_step(session, synced(session), ResyncProgress::default());
     });
     engine.on_failed(session, &[b"f".to_vec()], "Read-only file system");
-    let mut names = Vec::new();
-    while let Ok(event) = events.try_recv() {
-        names.push(match event {
-            Event::Synced { .. } => "synced",
-            Event::NotUpToDate { .. } => "not_up_to_date",
-            Event::PeerLost { .. } => "peer_lost",
-            _ => "other",
-        });
-    }
+    let names = event_names(&mut events);
     let reported = (names.iter().position(|n| *n == "not_up_to_date"))
         .unwrap_or_else(|| panic!("no not_up_to_date: {names:?}"));
     assert!(!names[reported..].contains(&"synced"), "{names:?}");
@@ -251,17 +257,6 @@ fn not_up_to_date_is_never_followed_by_synced_of_its_session() {
 /// loss is always reported after the `synced` it follows.
 #[test]
 fn synced_is_never_reported_for_a_lost_session_nor_after_its_loss() {
-    let names = |events: &mut amps::UnboundedReceiver<Event>| {
-        let mut names = Vec::new();
-        while let Ok(event) = events.try_recv() {
-            names.push(match event {
-                Event::Synced { .. } => "synced",
-                Event::PeerLost { .. } => "peer_lost",
-                _ => "other",
-            });
-        }
-        names
-    };
     let dir = tempfile::tempdir().unwrap();
     let (engine, mut events) = engine_with_events(&dir);
     let (frames, _sent) = amps::unbounded_channel();
@@ -274,7 +269,7 @@ fn synced_is_never_reported_for_a_lost_session_nor_after_its_loss() {
         ..ResyncProgress::default()
     };
     assert!(!engine.declare_in_step(session, synced(session), finished.clone()));
-    assert_eq!(names(&mut events), ["peer_lost"]);
+    assert_eq!(event_names(&mut events), ["peer_lost"]);
     assert!(
         engine.status.lock().unwrap().resync.is_none(),
         "nothing finished"
@@ -295,7 +290,7 @@ fn synced_is_never_reported_for_a_lost_session_nor_after_its_loss() {
         "the status shows it finished"
     );
     engine.stall(session, "the peer went away".into());
-    assert_eq!(names(&mut events), ["synced", "peer_lost"]);
+    assert_eq!(event_names(&mut events), ["synced", "peer_lost"]);
 }
 
 #[test]
