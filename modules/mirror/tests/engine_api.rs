@@ -133,8 +133,9 @@ impl Drop for DeadMount {
     }
 }
 
-/// A pair and a dead mount in SECOND's copy, dropped in this order: the pair
-/// (SECOND's read-only mount over its copy hides the dead one), then the dead mount.
+/// A pair and a dead mount in SECOND's copy, stopped in this order: the roles
+/// (SECOND's read-only mount over its copy hides the dead one), the dead mount, then
+/// the pair's scratch directory (which cannot be removed while the mount is in it).
 struct PairOverDeadMount {
     pair: Pair,
     dead: Option<DeadMount>,
@@ -146,6 +147,14 @@ impl PairOverDeadMount {
             pair: Pair::new(AckMode::Write),
             dead: None,
         }
+    }
+}
+
+impl Drop for PairOverDeadMount {
+    fn drop(&mut self) {
+        drop(self.pair.prim.take());
+        drop(self.pair.second.take());
+        drop(self.dead.take());
     }
 }
 
