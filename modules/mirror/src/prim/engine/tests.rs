@@ -62,6 +62,16 @@ fn engine_with_events(dir: &tempfile::TempDir) -> (Engine, amps::UnboundedReceiv
     (engine, received)
 }
 
+/// Starts a session with nothing to replay or overwrite: its number, and the frames it
+/// sends.
+fn start(engine: &Engine) -> (u64, amps::UnboundedReceiver<Vec<u8>>) {
+    let (frames, sent) = amps::unbounded_channel();
+    let session = engine
+        .start_session(frames, None, &Marks::default())
+        .unwrap();
+    (session, sent)
+}
+
 /// What the copier reports once the reintegration of `session` is done.
 fn synced(session: u64) -> Event {
     Event::Synced {
@@ -135,10 +145,7 @@ fn a_failure_reported_before_an_earlier_send_settles_keeps_the_marks_dirty() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(&dir);
     std::fs::write(dir.path().join("tree/f"), vec![1u8; 100]).unwrap();
-    let (frames, _sent) = amps::unbounded_channel();
-    let session = engine
-        .start_session(frames, None, &Marks::default())
-        .unwrap();
+    let (session, _sent) = start(&engine);
     // The copier sent zone 0 of f; SECOND reports it could not apply a later change
     // of f, then acknowledges as durable the copier's send, which would settle it.
     let mut sent = Marks::default();
@@ -161,10 +168,7 @@ fn a_rename_second_failed_to_apply_marks_both_names_whole() {
     let engine = engine(&dir);
     std::fs::create_dir_all(dir.path().join("tree/to")).unwrap();
     std::fs::write(dir.path().join("tree/to/f"), vec![1u8; 100]).unwrap();
-    let (frames, _sent) = amps::unbounded_channel();
-    let session = engine
-        .start_session(frames, None, &Marks::default())
-        .unwrap();
+    let (session, _sent) = start(&engine);
     // SECOND still has from/f and its own to/f: both names and both directories.
     let op = Op::Rename {
         from: b"from/f".to_vec(),
@@ -183,10 +187,7 @@ fn a_rename_second_failed_to_apply_marks_both_names_whole() {
 fn a_failure_from_second_parks_the_writes_waiting_for_its_acknowledgement() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(&dir);
-    let (frames, _sent) = amps::unbounded_channel();
-    let session = engine
-        .start_session(frames, None, &Marks::default())
-        .unwrap();
+    let (session, _sent) = start(&engine);
     assert!(engine.declare_in_step(session, synced(session), ResyncProgress::default()));
     let change = engine.begin(Touch::path(b"f")).unwrap();
     let ticket = change.commit(
@@ -236,10 +237,7 @@ fn event_names(events: &mut amps::UnboundedReceiver<Event>) -> Vec<&'static str>
 fn not_up_to_date_is_never_followed_by_synced_of_its_session() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, mut events) = engine_with_events(&dir);
-    let (frames, _sent) = amps::unbounded_channel();
-    let session = engine
-        .start_session(frames, None, &Marks::default())
-        .unwrap();
+    let (session, _sent) = start(&engine);
     in_next_gap(move |engine| {
         let _ = engine.declare_in_step(session, synced(session), ResyncProgress::default());
     });
@@ -259,10 +257,7 @@ fn not_up_to_date_is_never_followed_by_synced_of_its_session() {
 fn synced_is_never_reported_for_a_lost_session_nor_after_its_loss() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, mut events) = engine_with_events(&dir);
-    let (frames, _sent) = amps::unbounded_channel();
-    let session = engine
-        .start_session(frames, None, &Marks::default())
-        .unwrap();
+    let (session, _sent) = start(&engine);
     engine.stall(session, "the peer went away".into());
     let finished = ResyncProgress {
         done: true,
@@ -277,10 +272,7 @@ fn synced_is_never_reported_for_a_lost_session_nor_after_its_loss() {
 
     let lost = engine.lock_link().session;
     engine.go_alone(lost).unwrap();
-    let (frames, _sent) = amps::unbounded_channel();
-    let session = engine
-        .start_session(frames, None, &Marks::default())
-        .unwrap();
+    let (session, _sent) = start(&engine);
     assert!(engine.declare_in_step(session, synced(session), finished));
     // The status is never behind the event (found in CI: a test read it right after
     // `synced` and the reintegration was not done yet).
@@ -455,13 +447,7 @@ fn marks_removed_while_a_change_writes_them_are_written_again() {
     for (name, streaming, removal) in cases {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(&dir);
-        let _frames = streaming.then(|| {
-            let (frames, queue) = tokio::sync::mpsc::unbounded_channel();
-            engine
-                .start_session(frames, None, &Marks::default())
-                .unwrap();
-            queue
-        });
+        let _frames = streaming.then(|| start(&engine));
         let (fired, seen) = mpsc::channel();
         in_next_gap(move |engine| {
             removal(engine);
@@ -534,10 +520,7 @@ fn concurrent_writers_share_the_books_syncs() {
 fn a_zone_written_while_another_change_records_it_stays_written() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(&dir);
-    let (frames, _queue) = tokio::sync::mpsc::unbounded_channel();
-    engine
-        .start_session(frames, None, &Marks::default())
-        .unwrap();
+    let _frames = start(&engine);
     let zone_size = engine.config.zone_size;
     // The first write's window covers zone 5; the second write, in its gap, writes 5.
     in_next_gap(move |engine| {

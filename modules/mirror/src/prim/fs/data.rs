@@ -347,14 +347,9 @@ impl MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let handle = self
-            .handles
-            .lock()
-            .expect("handle lock")
-            .get(&fh.0)
-            .map(|h| (h.ino, h.file.clone()));
-        let Some((ino, file)) = handle else {
-            return reply.error(Errno::EBADF);
+        let (ino, file) = match self.open_handle(fh) {
+            Ok(handle) => handle,
+            Err(e) => return reply.error(e),
         };
         let zone_size = self.engine.config.zone_size;
         let shifts =

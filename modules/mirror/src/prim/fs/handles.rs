@@ -194,12 +194,29 @@ pub(super) struct DirHandle {
 impl MirrorFs {
     /// The real file of an open file handle.
     pub(super) fn handle_file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
+        self.open_handle(fh).map(|(_, file)| file)
+    }
+
+    /// The node and the real file of an open handle.
+    pub(super) fn open_handle(&self, fh: FileHandle) -> Result<(u64, Arc<OpenFile>), Errno> {
         self.handles
             .lock()
             .expect("handle lock")
             .get(&fh.0)
-            .map(|h| h.file.clone())
+            .map(|h| (h.ino, h.file.clone()))
             .ok_or(Errno::EBADF)
+    }
+
+    /// What to call when a change of `ino`'s bytes (a truncation, an allocation) is
+    /// answered with an error: the kernel then keeps its pages as they were, though the
+    /// change may have been made here, so they are no longer kept on open.
+    pub(super) fn distrust_pages_on_error(&self, ino: u64) -> impl FnOnce() + Send + 'static {
+        let inodes = self.inodes.clone();
+        move || {
+            if let Some(node) = inodes.lock().expect("inode lock").nodes.get_mut(&ino) {
+                node.pages_current = false;
+            }
+        }
     }
 
     /// The real file of a node whose last name went, through any handle still open on

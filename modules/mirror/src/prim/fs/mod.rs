@@ -95,18 +95,6 @@ impl MirrorFs {
         }
     }
 
-    /// What to call when a change of `ino`'s bytes (a truncation, an allocation) is
-    /// answered with an error: the kernel then keeps its pages as they were, though the
-    /// change may have been made here, so they are no longer kept on open.
-    fn distrust_pages_on_error(&self, ino: u64) -> impl FnOnce() + Send + 'static {
-        let inodes = self.inodes.clone();
-        move || {
-            if let Some(node) = inodes.lock().expect("inode lock").nodes.get_mut(&ino) {
-                node.pages_current = false;
-            }
-        }
-    }
-
     /// Where the mount's notifier goes once the session exists.
     pub(crate) fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
         self.notifier.clone()
